@@ -1,0 +1,707 @@
+"""The experiment schema: YAML in, validated and typed dataclasses out.
+
+One dataclass per section, one docstring per field (litgpt's `args.py` style), so the schema is
+also the reference documentation. Loading is strict on purpose: an unknown key is an error that
+names its dotted path and the nearest valid key, a wrong type names the path, the expected and
+the given type, and a missing required field is named. There are no aliases and nothing is
+silently dropped: a key that is accepted is a key that is used.
+
+    cfg = load_config("configs/cpu/quickstart.yaml", overrides=["optim.lr=3e-4"])
+    save_config(cfg, run_dir / "config.yaml")      # round-trips: load(save(cfg)) == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+from edge_glass.utils.errors import UserError
+from edge_glass.utils.io import write_text_atomic
+
+Modality = Literal["vision", "audio", "text"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(UserError):
+    """A config that does not match the schema; the message names the dotted path."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    """Run name. The run directory is `<output_dir>/<name>`."""
+    seed: int = 0
+    """Seed for model init, data order and every random choice of the run."""
+    output_dir: str = "runs"
+    """Parent directory of run directories (checkpoints, metrics.jsonl, config.yaml)."""
+
+
+@dataclass
+class SplitsConfig:
+    train: str = "train"
+    """Sub-directory (of both `raw_dir` and `features_dir`) holding the training split."""
+    val: str = "val"
+    """Split used for periodic evaluation and best-checkpoint selection."""
+    test: str | None = "test"
+    """Split reported by `scripts/evaluate.py`; null when the dataset has none."""
+
+
+@dataclass
+class DataConfig:
+    raw_dir: str
+    """Directory of raw WebDataset shards (`<raw_dir>/<split>/shard-NNNNNN.tar`)."""
+    features_dir: str
+    """Feature store written by `scripts/extract_features.py` and read by training."""
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    """Names of the train/val/test splits."""
+    micro_batch_size: int = 64
+    """Samples per rank per forward pass (DeepSpeed's `train_micro_batch_size_per_gpu`)."""
+    eval_batch_size: int = 256
+    """Samples per rank per forward pass during evaluation (no gradients, so it can be larger)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    store_format: Literal["hdf5", "webdataset"] = "hdf5"
+    """Which backend of the feature store training reads (extraction may write both)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "micro_batch_size", "eval_batch_size")
+        _check_non_negative(self, "num_workers")
+
+
+@dataclass
+class VisionEncoderConfig:
+    model: str
+    """Hub id (`openai/clip-vit-large-patch14-336`) or local directory of a CLIP vision model."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; null for the default branch or a local path."""
+    layer: int = -2
+    """Hidden layer whose patch tokens are stored; -2 is the penultimate layer, as LLaVA uses."""
+    keep_cls: bool = False
+    """Keep the CLS token at the front of the stored token sequence."""
+    dtype: Dtype = "auto"
+    """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    image_size: int | None = None
+    """Resize/crop size fed to the encoder; null uses the image processor's own setting."""
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            _check_positive(self, "image_size")
+
+
+@dataclass
+class AudioEncoderConfig:
+    model: str
+    """Hub id (`openai/whisper-base`) or local directory of a Whisper model."""
+    revision: str | None = None
+    """Hub revision to pin; null for the default branch or a local path."""
+    layer: int = -1
+    """Encoder hidden layer whose frames are stored; -1 is the final (layer-normed) output."""
+    dtype: Dtype = "auto"
+    """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    audio_seconds: float = 30.0
+    """Longest clip fed to the encoder; longer clips are cut. Frames are trimmed to true length."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "audio_seconds")
+
+
+@dataclass
+class TextEncoderConfig:
+    model: str
+    """Hub id (`sentence-transformers/all-mpnet-base-v2`) or local Sentence-BERT directory."""
+    revision: str | None = None
+    """Hub revision to pin; null for the default branch or a local path."""
+    dtype: Dtype = "auto"
+    """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    max_length: int | None = None
+    """Token limit per caption; null uses the model's `max_seq_length`."""
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None:
+            _check_positive(self, "max_length")
+
+
+@dataclass
+class EncodersConfig:
+    vision: VisionEncoderConfig | None = None
+    """Frozen image encoder; null for runs without images."""
+    audio: AudioEncoderConfig | None = None
+    """Frozen audio encoder; null for runs without audio."""
+    text: TextEncoderConfig | None = None
+    """Frozen caption encoder; null when no modality is aligned to text."""
+    store_dtype: Literal["float16", "float32"] = "float16"
+    """Dtype of features on disk; float16 halves the store and loses nothing the adapters see."""
+    batch_size: int = 64
+    """Samples per encoder forward pass during extraction."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size")
+
+    def enabled(self) -> list[str]:
+        """Names of the modalities that have an encoder, in a fixed order."""
+        return [m for m in ("vision", "audio", "text") if getattr(self, m) is not None]
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["mlp", "attn_pool", "perceiver"]
+    """`mlp` projects the pooled vector; `attn_pool` and `perceiver` read the token sequence."""
+    hidden_dim: int = 1024
+    """Width of the MLP (the projector itself, or the head after pooling)."""
+    num_layers: int = 2
+    """Linear layers in the MLP (1 is a plain linear projection)."""
+    dropout: float = 0.0
+    """Dropout inside the adapter."""
+    num_heads: int | None = None
+    """Attention heads (attn_pool, perceiver only; default 8)."""
+    num_latents: int | None = None
+    """Learned latent queries (perceiver only; default 64)."""
+    depth: int | None = None
+    """Perceiver layers: cross-attention, latent self-attention, feed-forward (perceiver only; default 2)."""
+    standardize: bool = True
+    """Z-score inputs per dimension with the train split's statistics from the store manifest."""
+
+    # Fields that only some kinds read, and their default when that kind is chosen.
+    _KIND_FIELDS: typing.ClassVar[dict[str, tuple[tuple[str, ...], Any]]] = {
+        "num_heads": (("attn_pool", "perceiver"), 8),
+        "num_latents": (("perceiver",), 64),
+        "depth": (("perceiver",), 2),
+    }
+
+    def __post_init__(self) -> None:
+        for name, (kinds, default) in self._KIND_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and self.kind not in kinds:
+                # Refuse rather than ignore: a user who sets num_latents on an mlp adapter
+                # believes it does something.
+                raise ConfigError(f"{{path}}.{name}: only used by kind {' or '.join(kinds)}, but kind is {self.kind!r}")
+            if value is None and self.kind in kinds:
+                setattr(self, name, default)
+        _check_positive(self, "hidden_dim", "num_layers")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{{path}}.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class AdaptersConfig:
+    vision: AdapterConfig | None = None
+    """Adapter from vision features into the shared space."""
+    audio: AdapterConfig | None = None
+    """Adapter from audio features into the shared space."""
+    text: AdapterConfig | None = None
+    """Adapter from caption features into the shared space."""
+
+    def enabled(self) -> list[str]:
+        return [m for m in ("vision", "audio", "text") if getattr(self, m) is not None]
+
+
+@dataclass
+class ModelConfig:
+    shared_dim: int = 512
+    """Dimension D of the shared embedding space every adapter ends in."""
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    """One adapter per aligned modality."""
+    mrl_dims: list[int] = field(default_factory=list)
+    """Matryoshka prefix sizes, ascending; D is always added as the last. Empty: no MRL."""
+    mrl_weights: list[float] | None = None
+    """Loss weight per MRL dim (same length as the dims including D); null weighs them equally."""
+    fusion: Literal["none", "concat", "cross_attention", "gated"] = "none"
+    """How vision and audio combine into one embedding for tri-modal runs."""
+    temperature_init: float = 0.07
+    """Initial softmax temperature; the learned logit scale starts at ln(1/temperature_init)."""
+    learn_temperature: bool = True
+    """Learn the logit scale (clamped at `max_logit_scale`) instead of fixing it."""
+    max_logit_scale: float = 100.0
+    """Upper clamp of exp(logit scale), as in CLIP/OpenCLIP."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "shared_dim", "temperature_init", "max_logit_scale")
+        dims = self.mrl_dims
+        if dims:
+            if any(d <= 0 for d in dims) or dims != sorted(set(dims)):
+                raise ConfigError(f"{{path}}.mrl_dims: must be positive and strictly ascending, got {dims}")
+            if dims[-1] > self.shared_dim:
+                raise ConfigError(f"{{path}}.mrl_dims: {dims[-1]} exceeds shared_dim {self.shared_dim}")
+        if self.mrl_weights is not None and len(self.mrl_weights) != len(self.nested_dims()):
+            raise ConfigError(
+                f"{{path}}.mrl_weights: needs one weight per dim in {self.nested_dims()} "
+                f"(mrl_dims plus shared_dim), got {len(self.mrl_weights)}"
+            )
+
+    def nested_dims(self) -> list[int]:
+        """The MRL dims actually trained: `mrl_dims` plus the full `shared_dim`."""
+        return sorted(set(self.mrl_dims) | {self.shared_dim})
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get LoRA adapters."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "r", "alpha")
+
+
+@dataclass
+class QwenConfig:
+    model: str
+    """Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or local directory of a Qwen2/2.5/3 causal LM."""
+    revision: str | None = None
+    """Hub revision to pin; null for the default branch or a local path."""
+    tune: Literal["frozen", "full", "lora"] = "lora"
+    """What of the LM trains: nothing, everything, or LoRA adapters."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings (used when tune is lora)."""
+    quantize: Literal["none", "8bit", "4bit"] = "none"
+    """Load the frozen base in 8/4 bit (needs bitsandbytes and a GPU)."""
+    max_length: int = 512
+    """Longest tokenised prompt + answer; longer samples are cut before the answer, never inside it."""
+
+
+@dataclass
+class TRMConfig:
+    tokenizer: str
+    """Tokenizer (hub id or local directory) whose vocabulary the TRM predicts."""
+    hidden_dim: int = 256
+    """Width of the tiny network."""
+    num_layers: int = 2
+    """Transformer blocks in the tiny network."""
+    num_heads: int = 4
+    """Attention heads."""
+    h_cycles: int = 3
+    """Outer cycles per supervision step (the first h_cycles-1 run without gradient)."""
+    l_cycles: int = 6
+    """Latent updates z <- f(x, y, z) per outer cycle."""
+    n_sup: int = 16
+    """Deep-supervision steps; the carry is detached between them."""
+    max_answer_len: int = 16
+    """Fixed answer length the TRM predicts in parallel (padded)."""
+    halting: bool = True
+    """Train a halting head and use it to stop early at inference."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "hidden_dim", "num_layers", "num_heads", "h_cycles", "l_cycles", "n_sup", "max_answer_len")
+
+
+@dataclass
+class DecoderConfig:
+    kind: Literal["none", "qwen", "trm"] = "none"
+    """Which language decoder the instruct stage trains."""
+    qwen: QwenConfig | None = None
+    """Qwen settings; required when kind is qwen."""
+    trm: TRMConfig | None = None
+    """TRM settings; required when kind is trm."""
+    prefix_modalities: list[Modality] = field(default_factory=lambda: ["vision"])
+    """Modalities whose aligned features become prefix tokens for the decoder."""
+    num_prefix_tokens: int = 4
+    """Soft tokens per modality produced by the connector."""
+    connector: Literal["linear", "mlp"] = "mlp"
+    """Connector from aligned features to decoder-width prefix tokens."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_prefix_tokens")
+        for kind in ("qwen", "trm"):
+            section = getattr(self, kind)
+            if self.kind == kind and section is None:
+                raise ConfigError(f"{{path}}.{kind}: required when decoder.kind is {kind!r}")
+            if self.kind != kind and section is not None:
+                raise ConfigError(f"{{path}}.{kind}: given, but decoder.kind is {self.kind!r}")
+
+
+@dataclass
+class PairWeightsConfig:
+    vision_text: float = 0.0
+    """Weight of the vision-text InfoNCE term."""
+    audio_text: float = 0.0
+    """Weight of the audio-text InfoNCE term."""
+    vision_audio: float = 0.0
+    """Weight of the vision-audio InfoNCE term."""
+
+    def active(self) -> dict[str, float]:
+        """Pairs with a non-zero weight."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v != 0.0}
+
+
+@dataclass
+class LossConfig:
+    pairs: PairWeightsConfig = field(default_factory=PairWeightsConfig)
+    """Contrastive pair weights (align stage)."""
+    mrl: bool = True
+    """Apply the contrastive loss at every MRL dim (weighted by model.mrl_weights)."""
+    lm_weight: float = 1.0
+    """Weight of the language-model loss (instruct stage)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the contrastive cross-entropy."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr, in optimizer steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr: float = 0.0
+    """Floor of the decay."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{{path}}.betas: need two values in [0, 1), got {self.betas}")
+        _check_positive(self, "lr")
+        _check_non_negative(self, "warmup_steps", "min_lr", "weight_decay")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{{path}}.min_lr: {self.min_lr} is above lr {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["align", "instruct"] = "align"
+    """`align` trains adapters contrastively; `instruct` trains a decoder on aligned features."""
+    epochs: int | None = None
+    """Passes over the train split; set exactly one of epochs and max_steps."""
+    max_steps: int | None = None
+    """Optimizer steps to run; set exactly one of epochs and max_steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (DeepSpeed's `gradient_accumulation_steps`)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; `auto` is bf16 on GPUs that support it and fp32 on CPU."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    eval_interval: int = 500
+    """Optimizer steps between evaluations (and at the end)."""
+    save_interval: int = 500
+    """Optimizer steps between checkpoints (and at the end)."""
+    keep_last: int = 2
+    """Newest checkpoints kept; the best-metric checkpoint is kept besides."""
+    log_interval: int = 10
+    """Optimizer steps between lines in metrics.jsonl."""
+    deepspeed: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; its "auto" fields are filled from this config."""
+    init_from: str | None = None
+    """Align run directory whose adapters the instruct stage starts from."""
+    freeze_adapters: bool = True
+    """Keep the aligned adapters frozen in the instruct stage."""
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ConfigError(
+                f"{{path}}: set exactly one of epochs and max_steps (got epochs={self.epochs}, max_steps={self.max_steps})"
+            )
+        for name in ("epochs", "max_steps"):
+            if getattr(self, name) is not None:
+                _check_positive(self, name)
+        _check_positive(self, "grad_accum", "eval_interval", "save_interval", "keep_last", "log_interval")
+        _check_non_negative(self, "grad_clip")
+
+
+@dataclass
+class EvalConfig:
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """K values of Recall@K."""
+    chunk_size: int = 4096
+    """Query rows scored at once, so an N x N similarity matrix never materialises."""
+    max_new_tokens: int = 32
+    """Generation limit for QA evaluation."""
+    num_samples_to_log: int = 16
+    """Generations written to the run directory for inspection."""
+
+    def __post_init__(self) -> None:
+        if not self.recall_ks or any(k <= 0 for k in self.recall_ks):
+            raise ConfigError(f"{{path}}.recall_ks: need positive integers, got {self.recall_ks}")
+        _check_positive(self, "chunk_size", "max_new_tokens")
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig
+    """Name, seed and output directory of the run."""
+    data: DataConfig
+    """Where raw shards and features live, and how they are batched."""
+    train: TrainConfig
+    """Stage, length, precision, checkpointing and the DeepSpeed config."""
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    """Frozen encoders run once by `scripts/extract_features.py`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Trainable adapters, the shared space and MRL."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """Language decoder for the instruct stage."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+
+    def __post_init__(self) -> None:
+        # Cross-section rules: each names the field a user has to change.
+        for modality in self.model.adapters.enabled():
+            if getattr(self.encoders, modality) is None:
+                raise ConfigError(f"model.adapters.{modality}: needs encoders.{modality} (its features come from there)")
+        for pair, weight in self.loss.pairs.active().items():
+            for modality in pair.split("_"):
+                if getattr(self.model.adapters, modality) is None:
+                    raise ConfigError(f"loss.pairs.{pair}: weight {weight} needs model.adapters.{modality}")
+        if self.train.stage == "align" and not self.loss.pairs.active():
+            raise ConfigError("loss.pairs: train.stage is 'align', which needs at least one pair with a non-zero weight")
+        if self.train.stage == "instruct" and self.decoder.kind == "none":
+            raise ConfigError("decoder.kind: train.stage is 'instruct', which needs a decoder (qwen or trm)")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, validation, overrides and saving
+# --------------------------------------------------------------------------------------------
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{{path}}.{name}: must be > 0, got {getattr(obj, name)}")
+
+
+def _check_non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{{path}}.{name}: must be >= 0, got {getattr(obj, name)}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, str(tp))
+
+
+def _given(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _nearest(name: str, candidates: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean {match[0]!r}?"
+    return f"; valid keys: {', '.join(candidates)}"
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], path)
+        raise TypeError(f"unsupported union {tp}")  # schema bug, not a user error
+    if value is None:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}{extra}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_given(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {_given(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {_given(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected float, got {_given(value)}")
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; every user
+            # writes learning rates that way, so a numeric string is taken as the float it is.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected float, got {_given(value)}") from None
+        if not isinstance(value, float):
+            raise ConfigError(f"{path}: expected float, got {_given(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {_given(value)}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")  # schema bug, not a user error
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, strictly; errors carry the dotted `path`."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_given(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key{_nearest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: missing required field ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ messages say `{path}` so they can be written without knowing where the
+        # section sits in the tree; fill it in here.
+        raise ConfigError(str(e).replace("{path}.", prefix).replace("{path}", where)) from None
+
+
+def config_from_dict(data: Any) -> Config:
+    """Validate a plain mapping (parsed YAML) into a `Config`."""
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of a config (every field, defaults included)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}:{where}: YAML syntax error: {problem}") from None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply `KEY=VALUE` overrides (dotted keys, YAML values) to a raw config mapping.
+
+    Overrides are applied before validation, so they are checked exactly like the file:
+    `--set optim.lrr=1` fails with the same "did you mean 'lr'" as a typo in the YAML.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+        value = _parse_yaml(raw, f"--set {key}")
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file, apply `--set` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {_given(data)}")
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the fully resolved config (defaults written out)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically; `load_config(path) == cfg` holds afterwards."""
+    write_text_atomic(path, dump_config(cfg))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Stable short hash of the resolved config, for refusing mismatched resumes."""
+    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def looks_like_local_path(model: str) -> bool:
+    """True when a model string is a filesystem path rather than a hub id.
+
+    Hub ids are `name` or `org/name`; anything with two or more slashes, or starting with
+    `.`, `/` or `~`, can only be a path, so a missing one is reported as a missing directory
+    instead of a confusing hub lookup failure.
+    """
+    return model.startswith((".", "/", "~")) or model.count("/") >= 2
+
+
+def check_files(cfg: Config) -> None:
+    """Refuse, with one line each, files and directories the config names that do not exist."""
+    ds = Path(cfg.train.deepspeed)
+    if not ds.is_file():
+        raise ConfigError(f"train.deepspeed: file not found: {ds} (the shipped ones are in ds_configs/)")
+    named = [(f"encoders.{m}.model", getattr(cfg.encoders, m).model) for m in cfg.encoders.enabled()]
+    if cfg.decoder.qwen is not None:
+        named.append(("decoder.qwen.model", cfg.decoder.qwen.model))
+    if cfg.decoder.trm is not None:
+        named.append(("decoder.trm.tokenizer", cfg.decoder.trm.tokenizer))
+    for where, model in named:
+        if looks_like_local_path(model) and not Path(model).expanduser().is_dir():
+            raise ConfigError(
+                f"{where}: model directory not found: {model} "
+                "(make the local set with: python scripts/make_local_models.py --out models/local)"
+            )

@@ -1,0 +1,1 @@
+"""Raw data sources: the synthetic tri-modal generator, raw WebDataset shards, downloaders."""

@@ -1,0 +1,1 @@
+"""Language decoders: Qwen (with LoRA) and the Tiny Recursive Model."""

@@ -1,0 +1,1 @@
+"""Frozen CLIP / Whisper / Sentence-BERT feature extractors (offline stage only)."""

@@ -1,0 +1,1 @@
+"""The feature store: manifest, writers, readers and the extraction driver."""

@@ -1,0 +1,1 @@
+"""Trainable modules: projectors, pooling, Perceiver resampler, MRL heads, fusion, losses."""

@@ -1,0 +1,1 @@
+"""The DeepSpeed training loop, checkpoints, metrics, progress and logging."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: errors shown to users, command-line plumbing, atomic writes."""
