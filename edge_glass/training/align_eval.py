@@ -1,0 +1,37 @@
+"""Evaluate an alignment model: embed a whole split, then retrieval metrics per pair and MRL dim."""
+
+from __future__ import annotations
+
+import torch
+
+from edge_glass.models.alignment import AlignmentModel, caption_ids
+from edge_glass.training.metrics import retrieval_metrics
+from edge_glass.utils.distributed import gather_rows
+
+
+@torch.no_grad()
+def embed_split(model: AlignmentModel, batches) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Embeddings of every sample the loader yields, gathered from all ranks, plus caption ids."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    ids = []
+    for batch in batches:
+        for k, v in model.embed(batch).items():
+            parts.setdefault(k, []).append(v.float())
+        ids.append(caption_ids(batch["captions"], torch.device("cpu")))
+    model.train(was_training)
+    emb = {k: gather_rows(torch.cat(v)).cpu() for k, v in parts.items()}
+    return emb, gather_rows(torch.cat(ids))
+
+
+def alignment_metrics(model: AlignmentModel, batches, ks: list[int], chunk_size: int = 1024) -> dict[str, float]:
+    """`"<pair>@<dim>/<a>-><b>/R@1"`-style metrics for every trained pair at every MRL dim."""
+    emb, ids = embed_split(model, batches)
+    out = {}
+    for pair in model.pairs:
+        a, b = pair.split("_")
+        for d in model.dims:
+            metrics = retrieval_metrics(emb[a][:, :d], emb[b][:, :d], ks, chunk_size, ids, names=(a, b))
+            out.update({f"{pair}@{d}/{k}": v for k, v in metrics.items()})
+    return out

@@ -1,0 +1,57 @@
+"""Retrieval metrics: Recall@K, MRR, median and mean rank, both directions, in chunks.
+
+Query i's correct key is key i. Its rank is 1 + the number of *other* keys scoring at least as
+high (ties count against the query, so a collapsed model that scores everything equally gets
+the worst rank, not a lucky first place). Keys that share the query's group id (the same
+caption) are not competitors. Scores are computed `chunk_size` queries at a time, so a
+100k x 100k similarity matrix never exists in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] rank (1 = best) of each query's own key among all keys, by cosine similarity."""
+    q = F.normalize(queries.float(), dim=-1)
+    k = F.normalize(keys.float(), dim=-1)
+    n = q.shape[0]
+    out = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        scores = q[start:stop] @ k.T  # [c, N]
+        rows = torch.arange(stop - start)
+        own = scores[rows, torch.arange(start, stop)]
+        beats = scores >= own[:, None]
+        beats[rows, torch.arange(start, stop)] = False  # a key does not compete with itself
+        if group_ids is not None:
+            beats &= group_ids[start:stop, None] != group_ids[None, :]
+        out[start:stop] = 1 + beats.sum(dim=1).cpu()
+    return out
+
+
+def summarize(r: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    rf = r.double()
+    metrics = {f"R@{k}": float((r <= k).double().mean()) for k in ks}
+    metrics["MRR"] = float((1.0 / rf).mean())
+    metrics["median_rank"] = float(rf.median())
+    metrics["mean_rank"] = float(rf.mean())
+    return metrics
+
+
+def retrieval_metrics(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ks: list[int],
+    chunk_size: int = 1024,
+    group_ids: torch.Tensor | None = None,
+    names: tuple[str, str] = ("a", "b"),
+) -> dict[str, float]:
+    """Metrics for a->b (queries a, keys b) and b->a, keyed `"<a>-><b>/R@1"` and so on."""
+    out = {}
+    for (qn, kn), (q, k) in (((names[0], names[1]), (a, b)), ((names[1], names[0]), (b, a))):
+        for key, value in summarize(ranks(q, k, chunk_size, group_ids), ks).items():
+            out[f"{qn}->{kn}/{key}"] = value
+    return out
