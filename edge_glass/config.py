@@ -76,9 +76,13 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     store_format: Literal["hdf5", "webdataset"] = "hdf5"
     """Which backend of the feature store training reads (extraction may write both)."""
+    read_block_size: int = 32
+    """Consecutive samples the loader reads with one slice; the unit that is shuffled across ranks."""
+    shuffle_window_blocks: int = 8
+    """Blocks whose samples are shuffled together (memory: window x block x sample size)."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "micro_batch_size", "eval_batch_size")
+        _check_positive(self, "micro_batch_size", "eval_batch_size", "read_block_size", "shuffle_window_blocks")
         _check_non_negative(self, "num_workers")
 
 
@@ -336,6 +340,8 @@ class PairWeightsConfig:
     """Weight of the audio-text InfoNCE term."""
     vision_audio: float = 0.0
     """Weight of the vision-audio InfoNCE term."""
+    fused_text: float = 0.0
+    """Weight of the term between fused(vision, audio) and text; needs model.fusion."""
 
     def active(self) -> dict[str, float]:
         """Pairs with a non-zero weight."""
@@ -404,6 +410,8 @@ class TrainConfig:
     """Optimizer steps between lines in metrics.jsonl."""
     deepspeed: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its "auto" fields are filled from this config."""
+    monitor: list[Literal["csv", "tensorboard"]] = field(default_factory=lambda: ["csv"])
+    """DeepSpeed monitors writing loss and lr under `<run>/monitor/` (tensorboard needs the package)."""
     init_from: str | None = None
     """Align run directory whose adapters the instruct stage starts from."""
     freeze_adapters: bool = True
@@ -465,9 +473,16 @@ class Config:
             if getattr(self.encoders, modality) is None:
                 raise ConfigError(f"model.adapters.{modality}: needs encoders.{modality} (its features come from there)")
         for pair, weight in self.loss.pairs.active().items():
-            for modality in pair.split("_"):
+            needs = ["vision", "audio", "text"] if pair == "fused_text" else pair.split("_")
+            for modality in needs:
                 if getattr(self.model.adapters, modality) is None:
                     raise ConfigError(f"loss.pairs.{pair}: weight {weight} needs model.adapters.{modality}")
+            if pair == "fused_text" and self.model.fusion == "none":
+                raise ConfigError(f"loss.pairs.fused_text: weight {weight} needs model.fusion (concat, cross_attention or gated)")
+        if self.model.fusion != "none":
+            for modality in ("vision", "audio"):
+                if getattr(self.model.adapters, modality) is None:
+                    raise ConfigError(f"model.fusion: {self.model.fusion!r} fuses vision and audio, and needs model.adapters.{modality}")
         if self.train.stage == "align" and not self.loss.pairs.active():
             raise ConfigError("loss.pairs: train.stage is 'align', which needs at least one pair with a non-zero weight")
         if self.train.stage == "instruct" and self.decoder.kind == "none":
@@ -700,8 +715,13 @@ def check_files(cfg: Config) -> None:
     if cfg.decoder.trm is not None:
         named.append(("decoder.trm.tokenizer", cfg.decoder.trm.tokenizer))
     for where, model in named:
-        if looks_like_local_path(model) and not Path(model).expanduser().is_dir():
-            raise ConfigError(
-                f"{where}: model directory not found: {model} "
-                "(make the local set with: python scripts/make_local_models.py --out models/local)"
-            )
+        check_model_dir(model, where)
+
+
+def check_model_dir(model: str, where: str) -> None:
+    """A local model path that does not exist gets one clear line instead of a hub lookup error."""
+    if looks_like_local_path(model) and not Path(model).expanduser().is_dir():
+        raise ConfigError(
+            f"{where}: model directory not found: {model} "
+            "(make the local set with: python scripts/make_local_models.py --out models/local)"
+        )
