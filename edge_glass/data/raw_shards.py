@@ -342,7 +342,7 @@ def decode_sample(raw: dict, url: str = "?") -> RawSample:
 
 def iter_shard_samples(shard: str | os.PathLike) -> Iterator[RawSample]:
     """Every sample of one shard, in order, decoded."""
-    for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False):
+    for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
         yield decode_sample(raw, str(shard))
 
 

@@ -13,6 +13,8 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
         audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
     audio = audio.astype(np.float32, copy=False)
     if audio.ndim == 2:
+        if audio.shape[0] < audio.shape[1] and audio.shape[0] <= 8:
+            audio = audio.T  # [channels, samples] (torchaudio, librosa)
         audio = audio.mean(axis=1)
     elif audio.ndim != 1:
         raise ValueError(f"audio must be [samples] or [samples, channels], got shape {audio.shape}")

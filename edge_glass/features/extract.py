@@ -94,6 +94,7 @@ def _extract_split(
     raw_shards = list_shards(Path(cfg.data.raw_dir) / split)
     out = split_dir(cfg.data.features_dir, split)
     rank, world = D.rank(), D.world_size()
+    _refuse_mismatch(out, settings, overwrite)
     if rank == 0:
         _prepare_split_dir(out, settings, overwrite)
     D.barrier()
@@ -115,21 +116,29 @@ def _extract_split(
     return out / MANIFEST
 
 
-def _prepare_split_dir(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix features of different encoders in one split; `--overwrite` clears it."""
+def _refuse_mismatch(out: Path, settings: dict, overwrite: bool) -> None:
+    """Every rank checks (read-only), so a refusal stops all of them, not only rank 0."""
     record = out / EXTRACTION
     if record.is_file() and not overwrite:
         old = read_json(record)
         if old.get("fingerprint") != settings["fingerprint"]:
-            changed = ", ".join(differences(old.get("encoders"), settings["encoders"])) or "store settings"
+            changed = ", ".join(f"encoders.{d}" for d in differences(old.get("encoders"), settings["encoders"])) or "store settings"
             raise UserError(
                 f"{out} holds features of other encoders or settings (store fingerprint {old.get('fingerprint')}, "
                 f"this config {settings['fingerprint']}; differs in {changed}); re-run with --overwrite to replace them"
             )
-    if overwrite and out.is_dir():
+
+
+def _prepare_split_dir(out: Path, settings: dict, overwrite: bool) -> None:
+    """Rank 0, before any rank writes: clear for --overwrite, drop stale temporaries, record settings."""
+    record = out / EXTRACTION
+    if out.is_dir():
         for p in out.iterdir():
-            # Remove only what extraction writes, never a user's stray files.
-            if p.name.startswith(("shard-", ".tmp-")) or p.name in (MANIFEST, EXTRACTION):
+            # Temporaries are left only by killed runs; nothing is writing while ranks wait at
+            # the barrier after this. With --overwrite, remove only what extraction writes,
+            # never a user's stray files.
+            ours = p.name.startswith(("shard-", ".tmp-")) or p.name in (MANIFEST, EXTRACTION)
+            if p.name.startswith(".tmp-") or (overwrite and ours):
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not record.is_file() or overwrite:
@@ -188,8 +197,6 @@ def _extract_shard(
     world: int,
 ) -> None:
     stem = shard_stem(index)
-    for stale in out.glob(f".tmp-{stem}.*"):
-        stale.unlink()  # left by a run killed mid-write; never read, now garbage
     np_dtype = _NP_DTYPE[store_dtype]
     keys: list[str] = []
     captions: list[str] = []
@@ -239,6 +246,14 @@ def _extract_shard(
             else:
                 write_wds_shard(tmp, block)
         files[fmt] = {"file": final.name, "sha256": sha256_file(final), "bytes": final.stat().st_size}
+    old_record = out / f"{stem}.json"
+    if old_record.is_file():
+        prev = read_json(old_record)
+        if prev.get("fingerprint") == settings["fingerprint"]:
+            for fmt, entry in prev.get("files", {}).items():
+                if fmt not in files and (out / entry["file"]).is_file():
+                    files[fmt] = entry
+    files = dict(sorted(files.items()))
     record = {
         "name": stem,
         "raw_shard": raw_path.name,

@@ -77,8 +77,8 @@ class FeatureLoader:
         self._plans: dict[int, _Plan] = {}
         if len(self) == 0:
             raise UserError(
-                f"{split.path}: {len(split)} samples give no full batch of {batch_size} per rank on {world_size} rank(s); "
-                "lower data.micro_batch_size or add data"
+                f"{split.path}: {len(split)} samples in blocks of {block_size} give no full batch of {batch_size} "
+                f"on each of {world_size} rank(s); lower data.micro_batch_size or data.read_block_size, or add data"
             )
 
     # ------------------------------------------------------------------ planning
@@ -118,6 +118,8 @@ class FeatureLoader:
             samples.append(base[perm])
             rows.append(perm)
             window_of.append(np.full(len(base), w))
+        if not samples:
+            samples, window_of, rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         plan = _Plan(np.concatenate(samples), np.concatenate(window_of), np.concatenate(rows), windows, num_batches)
         self._plans = {epoch: plan}  # keep only the current epoch's plan
         return plan

@@ -83,8 +83,13 @@ class FeatureSplit:
     def __iter__(self) -> Iterator[dict]:
         """Every sample in store order, as a dict of arrays (`vision_tokens`, `text_pooled`, ...)."""
         if self.backend == "webdataset":
-            for shard in self.shards:
-                yield from iter_wds_samples(shard.path)
+            for shard, size in zip(self.shards, self.shard_sizes):
+                n = 0
+                for sample in iter_wds_samples(shard.path):
+                    n += 1
+                    yield sample
+                if n != size:
+                    raise UserError(f"{shard.path}: holds {n} samples, manifest says {size}; re-run extraction with --overwrite")
             return
         step = 256
         for start in range(0, len(self), step):

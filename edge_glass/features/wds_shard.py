@@ -75,7 +75,10 @@ class WdsShard:
 
     def read(self, start: int, stop: int, modalities: list[str] | None = None) -> FeatureBlock:
         """Samples [start, stop): one seek and one read covering their members."""
-        index = self._build_index()[start:stop]
+        full = self._build_index()
+        if stop > len(full):
+            raise UserError(f"{self.path}: holds {len(full)} samples, asked for {start}..{stop - 1} (truncated?); re-run extraction with --overwrite")
+        index = full[start:stop]
         keys = self._keys[start:stop]
         if not index:
             return FeatureBlock([], [], [], {})
@@ -130,7 +133,14 @@ def _load_npy(buf: memoryview) -> np.ndarray:
 
 def iter_wds_samples(path: Path) -> Iterator[dict]:
     """Decoded samples of one feature tar, streamed through the `webdataset` library."""
-    dataset = wds.WebDataset([str(path)], shardshuffle=False, empty_check=False)
+    try:
+        yield from _iter_wds_samples(path)
+    except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: corrupt WebDataset feature shard: {e}; re-run extraction with --overwrite") from None
+
+
+def _iter_wds_samples(path: Path) -> Iterator[dict]:
+    dataset = wds.WebDataset([str(path)], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
     for raw in dataset:
         sample = {"key": raw["__key__"], "caption": raw["txt"].decode(), "meta": json.loads(raw["json"])}
         for ext, value in raw.items():

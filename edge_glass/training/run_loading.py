@@ -1,0 +1,56 @@
+"""Load a finished (or running) run's trained modules for evaluation, export and notebooks.
+
+Weights come from DeepSpeed's `zero_to_fp32` consolidation, which reads any ZeRO stage and any
+world size, so evaluation needs neither the engine nor a process group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edge_glass.config import Config, load_config
+from edge_glass.features.store import open_store
+from edge_glass.models.alignment import AlignmentModel, FeatureInfo
+from edge_glass.training import checkpoint as ckpt
+from edge_glass.utils.errors import UserError
+
+
+def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """`best`, `latest`, or a checkpoint directory."""
+    root = Path(run_dir) / "checkpoints"
+    latest = ckpt.latest_checkpoint(root)
+    if which in ("best", "latest"):
+        if latest is None:
+            raise UserError(f"{run_dir} has no complete checkpoint; train it with: python scripts/train.py --config <config>")
+        if which == "latest":
+            return latest
+        tag = ckpt.read_meta(latest).get("best", {}).get("tag")
+        return root / tag if tag and (root / tag / ckpt.COMPLETE).is_file() else latest
+    path = Path(which)
+    ckpt.read_meta(path)  # refuses incomplete checkpoints
+    return path
+
+
+def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def load_alignment_model(run_dir: str | Path, which: str = "best") -> tuple[Config, AlignmentModel, Path]:
+    """(config, model in eval mode with trained weights, checkpoint used)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(config_path)
+    checkpoint = resolve_checkpoint(run_dir, which)
+    train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
+    features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in cfg.model.adapters.enabled()}
+    model = AlignmentModel(cfg.model, cfg.loss, features)
+    missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
+    if unexpected or [k for k in missing if not k.endswith((".mean", ".std"))]:
+        raise UserError(f"{checkpoint}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return cfg, model.eval(), checkpoint
