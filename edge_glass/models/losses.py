@@ -86,10 +86,18 @@ def info_nce(
         same[torch.arange(n, device=a.device), labels] = False  # keep the true positive
         logits_ab = logits_ab.masked_fill(same, float("-inf"))
         logits_ba = logits_ba.masked_fill(same, float("-inf"))
-    return 0.5 * (
-        F.cross_entropy(logits_ab, labels, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits_ba, labels, label_smoothing=label_smoothing)
-    )
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        # F.cross_entropy's label smoothing would spread mass onto the masked (-inf) logits and
+        # return inf; smooth over the remaining candidates only.
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(1, labels[:, None]).squeeze(1)
+        if not label_smoothing:
+            return nll.mean()
+        valid = torch.isfinite(logits)
+        smooth = -logp.masked_fill(~valid, 0).sum(1) / valid.sum(1)
+        return ((1 - label_smoothing) * nll + label_smoothing * smooth).mean()
+
+    return 0.5 * (cross_entropy(logits_ab) + cross_entropy(logits_ba))
 
 
 class LogitScale(nn.Module):

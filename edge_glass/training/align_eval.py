@@ -21,8 +21,12 @@ def embed_split(model: AlignmentModel, batches) -> tuple[dict[str, torch.Tensor]
             parts.setdefault(k, []).append(v.float())
         ids.append(caption_ids(batch["captions"], torch.device("cpu")))
     model.train(was_training)
-    emb = {k: gather_rows(torch.cat(v)).cpu() for k, v in parts.items()}
-    return emb, gather_rows(torch.cat(ids))
+    # A rank can hold no evaluation sample (a split with fewer blocks than ranks); it still
+    # joins every gather, with zero rows.
+    names = list(model.adapters) + (["fused"] if model.fusion is not None else [])
+    empty = torch.zeros(0, model.cfg.shared_dim)
+    emb = {k: gather_rows(torch.cat(parts[k]) if k in parts else empty).cpu() for k in names}
+    return emb, gather_rows(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64))
 
 
 def alignment_metrics(model: AlignmentModel, batches, ks: list[int], chunk_size: int = 1024) -> dict[str, float]:

@@ -36,7 +36,7 @@ def summarize(r: torch.Tensor, ks: list[int]) -> dict[str, float]:
     rf = r.double()
     metrics = {f"R@{k}": float((r <= k).double().mean()) for k in ks}
     metrics["MRR"] = float((1.0 / rf).mean())
-    metrics["median_rank"] = float(rf.median())
+    metrics["median_rank"] = float(rf.quantile(0.5))  # torch.median gives the lower middle
     metrics["mean_rank"] = float(rf.mean())
     return metrics
 
