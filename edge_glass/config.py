@@ -76,7 +76,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     store_format: Literal["hdf5", "webdataset"] = "hdf5"
     """Which backend of the feature store training reads (extraction may write both)."""
-    read_block_size: int = 32
+    read_block_size: int = 64
     """Consecutive samples the loader reads with one slice; the unit that is shuffled across ranks."""
     shuffle_window_blocks: int = 8
     """Blocks whose samples are shuffled together (memory: window x block x sample size)."""

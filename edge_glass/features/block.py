@@ -35,7 +35,7 @@ class ModalityArrays:
     def take(self, index: np.ndarray) -> "ModalityArrays":
         """The samples at `index` (any order), re-packed flat."""
         lengths = self.lengths[index]
-        rows = _ranges(self.offsets[index], lengths)
+        rows = flat_ranges(self.offsets[index], lengths)
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return ModalityArrays(self.tokens[rows], offsets, self.pooled[index])
@@ -99,7 +99,7 @@ def pad_tokens(arrays: ModalityArrays) -> tuple[np.ndarray, np.ndarray]:
     return padded, mask
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def flat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + l) for each (s, l), without a Python loop."""
     total = int(lengths.sum())
     if total == 0:

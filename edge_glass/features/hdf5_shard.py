@@ -59,6 +59,9 @@ class Hdf5Shard:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._file: h5py.File | None = None
+        # Dataset handles, looked up once: h5py's name lookup costs ~50 us a call, as much as
+        # reading a small block, and the loader reads every block of every epoch.
+        self._datasets: dict[str, h5py.Dataset] = {}
 
     def _open(self) -> h5py.File:
         if self._file is None:
@@ -68,35 +71,41 @@ class Hdf5Shard:
                 raise UserError(f"{self.path}: cannot open HDF5 feature shard ({e}); re-run extraction with --overwrite") from None
         return self._file
 
+    def _ds(self, name: str) -> h5py.Dataset:
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = self._open()[name]
+        return ds
+
     def __len__(self) -> int:
-        return int(self._open()["keys"].shape[0])
+        return int(self._ds("keys").shape[0])
 
     @property
     def modalities(self) -> list[str]:
         return [k for k in self._open().keys() if isinstance(self._open()[k], h5py.Group)]
 
-    def read(self, start: int, stop: int, modalities: list[str] | None = None) -> FeatureBlock:
-        """Samples [start, stop): one slice per dataset, whatever the lengths."""
-        f = self._open()
+    def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
+        """Samples [start, stop): one slice per dataset, whatever the lengths. Without
+        `with_meta` the per-sample JSON is left unread (training never looks at it)."""
         try:
-            keys = [s.decode() for s in f["keys"][start:stop]]
-            captions = [s.decode() for s in f["captions"][start:stop]]
-            meta = [s.decode() for s in f["meta"][start:stop]]
+            keys = [s.decode() for s in self._ds("keys")[start:stop]]
+            captions = [s.decode() for s in self._ds("captions")[start:stop]]
+            meta = [s.decode() for s in self._ds("meta")[start:stop]] if with_meta else [""] * len(keys)
             arrays = {}
             for m in modalities if modalities is not None else self.modalities:
-                g = f[m]
-                offsets = g["offsets"][start : stop + 1]
-                tokens = g["tokens"][offsets[0] : offsets[-1]]
-                arrays[m] = ModalityArrays(tokens, (offsets - offsets[0]).astype(np.int64), g["pooled"][start:stop])
+                offsets = self._ds(f"{m}/offsets")[start : stop + 1]
+                tokens = self._ds(f"{m}/tokens")[offsets[0] : offsets[-1]]
+                arrays[m] = ModalityArrays(tokens, (offsets - offsets[0]).astype(np.int64), self._ds(f"{m}/pooled")[start:stop])
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{self.path}: corrupt feature shard reading samples {start}..{stop - 1}: {e}") from None
         return FeatureBlock(keys, captions, meta, arrays)
 
     def close(self) -> None:
         if self._file is not None:
+            self._datasets.clear()
             self._file.close()
             self._file = None
 
     def __getstate__(self) -> dict:
         # An open h5py handle cannot cross a fork/pickle; workers reopen on first read.
-        return {"path": self.path, "_file": None}
+        return {"path": self.path, "_file": None, "_datasets": {}}

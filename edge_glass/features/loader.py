@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from edge_glass.features.block import FeatureBlock, concat_blocks, pad_tokens
+from edge_glass.features.block import FeatureBlock, flat_ranges
 from edge_glass.features.store import FeatureSplit
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.prefetch import prefetch
@@ -33,12 +33,14 @@ class _Plan:
 
     samples: np.ndarray
     """Global sample indices in the order this rank consumes them."""
-    window_of: np.ndarray
-    """Window number of each entry of `samples`."""
+    block_of: np.ndarray
+    """Index into `blocks` of each entry of `samples`."""
     rows: np.ndarray
-    """Row of each entry within its window's block, as `_read_window` lays it out."""
-    windows: list[list[tuple[int, int]]]
-    """Per window, its blocks as (global start, global stop)."""
+    """Row of each entry within its block."""
+    blocks: list[tuple[int, int]]
+    """This rank's blocks as (global start, global stop), in reading order."""
+    window_of_block: np.ndarray
+    """Window number of each block; a window's blocks are read together."""
     num_batches: int
 
 
@@ -56,9 +58,10 @@ class FeatureLoader:
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        block_size: int = 32,
+        block_size: int = 64,
         window_blocks: int = 8,
         prefetch_batches: int = 2,
+        with_meta: bool = False,
     ) -> None:
         if batch_size <= 0 or block_size <= 0 or window_blocks <= 0:
             raise ValueError("batch_size, block_size and window_blocks must be positive")
@@ -72,6 +75,7 @@ class FeatureLoader:
         self.rank, self.world_size = rank, world_size
         self.block_size, self.window_blocks = block_size, window_blocks
         self.prefetch_batches = prefetch_batches
+        self.with_meta = with_meta  # the per-sample JSON, for tasks that need it (instruction data)
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self._plans: dict[int, _Plan] = {}
@@ -105,22 +109,25 @@ class FeatureLoader:
             num_batches = min(sizes) // self.batch_size
         else:
             num_batches = -(-sizes[self.rank] // self.batch_size)
-        mine = per_rank[self.rank]
-        windows, samples, window_of, rows = [], [], [], []
+        mine = [blocks[b] for b in per_rank[self.rank]]
+        starts = np.array([a for a, _ in mine], dtype=np.int64)
+        sizes_mine = np.array([b - a for a, b in mine], dtype=np.int64)
+        samples, block_of, rows = [], [], []
         for w, first in enumerate(range(0, len(mine), self.window_blocks)):
-            win = [blocks[b] for b in mine[first : first + self.window_blocks]]
-            base = np.concatenate([np.arange(a, b) for a, b in win])
+            ids = np.arange(first, min(first + self.window_blocks, len(mine)))
+            blk = np.repeat(ids, sizes_mine[ids])
+            row = np.concatenate([np.arange(n) for n in sizes_mine[ids]])
             if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(base))
-            else:
-                perm = np.arange(len(base))
-            windows.append(win)
-            samples.append(base[perm])
-            rows.append(perm)
-            window_of.append(np.full(len(base), w))
-        if not samples:
-            samples, window_of, rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        plan = _Plan(np.concatenate(samples), np.concatenate(window_of), np.concatenate(rows), windows, num_batches)
+                perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(blk))
+                blk, row = blk[perm], row[perm]
+            samples.append(starts[blk] + row)
+            block_of.append(blk)
+            rows.append(row)
+        empty = [np.zeros(0, np.int64)]
+        plan = _Plan(
+            np.concatenate(samples or empty), np.concatenate(block_of or empty), np.concatenate(rows or empty),
+            mine, np.arange(len(mine)) // self.window_blocks, num_batches,
+        )
         self._plans = {epoch: plan}  # keep only the current epoch's plan
         return plan
 
@@ -161,23 +168,33 @@ class FeatureLoader:
 
     # ------------------------------------------------------------------ iteration
 
-    def _read_window(self, plan: _Plan, w: int) -> FeatureBlock:
-        """The window's blocks back to back, one read each."""
-        return concat_blocks([self.split.read(a, b, self.modalities) for a, b in plan.windows[w]])
+    def _windows(self, plan: _Plan, first_window: int) -> Iterator[dict[int, FeatureBlock]]:
+        """Each window's blocks, read whole, in order: one read per block."""
+        for w in range(first_window, int(plan.window_of_block.max()) + 1 if len(plan.blocks) else 0):
+            yield {
+                int(b): self.split.read(*plan.blocks[b], self.modalities, self.with_meta)
+                for b in np.flatnonzero(plan.window_of_block == w)
+            }
 
     def _batches(self, epoch: int, first: int) -> Iterator[dict]:
         plan = self._plan(epoch)
-        cache: dict[int, FeatureBlock] = {}
+        if first >= plan.num_batches:
+            return
+        first_window = int(plan.window_of_block[plan.block_of[first * self.batch_size]])
+        # Reading (h5py) and gathering (numpy copies, which release the GIL) run in two threads,
+        # so the batch copy overlaps the next window's read instead of adding to it.
+        windows = prefetch(self._windows(plan, first_window), depth=1)
+        loaded: dict[int, FeatureBlock] = {}
         for k in range(first, plan.num_batches):
             span = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            wins, rows = plan.window_of[span], plan.rows[span]
-            parts = []
-            for w in np.unique(wins):  # a batch straddles at most a window boundary or two
-                if w not in cache:
-                    cache = {kw: v for kw, v in cache.items() if kw >= w}  # earlier windows are done
-                    cache[w] = self._read_window(plan, int(w))
-                parts.append(cache[w].take(rows[wins == w]))
-            yield collate(concat_blocks(parts))
+            which, rows = plan.block_of[span], plan.rows[span]
+            needed = np.unique(which)
+            # Windows are consumed in order: drop the finished ones, pull the next as needed.
+            low = plan.window_of_block[needed].min()
+            loaded = {b: v for b, v in loaded.items() if plan.window_of_block[b] >= low}
+            while not all(int(b) in loaded for b in needed):
+                loaded.update(next(windows))
+            yield gather(loaded, which, rows, self.modalities)
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; afterwards the loader points at the next epoch."""
@@ -188,14 +205,50 @@ class FeatureLoader:
         self.epoch, self.batch = epoch + 1, 0
 
 
-def collate(block: FeatureBlock) -> dict:
-    """A block as a training batch: per modality `tokens` [B,T,D], `mask` [B,T], `pooled` [B,P]."""
-    batch: dict = {"keys": block.keys, "captions": block.captions, "meta": block.meta}
-    for m, arrays in block.modalities.items():
-        tokens, mask = pad_tokens(arrays)
-        batch[m] = {
-            "tokens": torch.from_numpy(np.ascontiguousarray(tokens)),
-            "mask": torch.from_numpy(mask),
-            "pooled": torch.from_numpy(np.ascontiguousarray(arrays.pooled)),
-        }
+def gather(blocks: dict[int, FeatureBlock], which: np.ndarray, rows: np.ndarray, modalities: list[str]) -> dict:
+    """The batch of samples (blocks[which[i]], rows[i]) collated: per modality `tokens` [B,T,D]
+    (zero past each length), `mask` [B,T] and `pooled` [B,P].
+
+    Samples are laid out grouped by source block (stable, so the order is still a function of
+    the plan): each block then fills one contiguous slice of the output, which `np.take(...,
+    out=)` writes with a single copy. Order within a batch means nothing to the losses, and this
+    copy is the loader's main cost next to the read itself (benchmarks/loader.py).
+    """
+    order = np.argsort(which, kind="stable")
+    which, rows = which[order], rows[order]
+    ids, starts = np.unique(which, return_index=True)
+    spans = [(int(b), int(lo), int(hi)) for b, lo, hi in zip(ids, starts, [*starts[1:], len(which)])]
+    n = len(which)
+    keys, captions, meta = [], [], []
+    for b, lo, hi in spans:
+        block = blocks[b]
+        for r in rows[lo:hi]:
+            keys.append(block.keys[r])
+            captions.append(block.captions[r])
+            meta.append(block.meta[r])
+    batch: dict = {"keys": keys, "captions": captions, "meta": meta}
+    for m in modalities:
+        lengths = np.empty(n, dtype=np.int64)
+        for b, lo, hi in spans:
+            lengths[lo:hi] = blocks[b].modalities[m].lengths[rows[lo:hi]]
+        t_max = int(lengths.max())
+        first = blocks[spans[0][0]].modalities[m]
+        dim = first.tokens.shape[1]
+        fixed = bool((lengths == t_max).all())
+        tokens = np.empty((n, t_max, dim), first.tokens.dtype) if fixed else np.zeros((n, t_max, dim), first.tokens.dtype)
+        mask = np.arange(t_max)[None, :] < lengths[:, None]
+        pooled = np.empty((n, first.pooled.shape[1]), first.pooled.dtype)
+        for b, lo, hi in spans:
+            arrays = blocks[b].modalities[m]
+            r = rows[lo:hi]
+            np.take(arrays.pooled, r, axis=0, out=pooled[lo:hi])
+            if fixed and len(arrays.tokens) == len(arrays.pooled) * t_max:
+                # Every sample of the block has t_max tokens: the flat rows are a [N, T, D] array.
+                np.take(arrays.tokens.reshape(-1, t_max, dim), r, axis=0, out=tokens[lo:hi])
+            else:
+                # Flat source rows of these samples, in order, into the mask's True cells.
+                src = flat_ranges(arrays.offsets[r], arrays.lengths[r])
+                ii, tt = np.nonzero(mask[lo:hi])
+                tokens[lo + ii, tt] = arrays.tokens[src]
+        batch[m] = {"tokens": torch.from_numpy(tokens), "mask": torch.from_numpy(mask), "pooled": torch.from_numpy(pooled)}
     return batch

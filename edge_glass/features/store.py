@@ -66,14 +66,14 @@ class FeatureSplit:
         shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
         return shard, index - int(self.shard_starts[shard])
 
-    def read(self, start: int, stop: int, modalities: list[str] | None = None) -> FeatureBlock:
+    def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
         """Samples [start, stop) of the split, across shard boundaries."""
         blocks = []
         pos = start
         while pos < stop:
             shard, row = self.locate(pos)
             take = min(stop - pos, int(self.shard_sizes[shard]) - row)
-            blocks.append(self.shards[shard].read(row, row + take, modalities))
+            blocks.append(self.shards[shard].read(row, row + take, modalities, with_meta))
             pos += take
         return concat_blocks(blocks) if blocks else FeatureBlock([], [], [], {})
 

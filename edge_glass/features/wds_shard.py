@@ -73,7 +73,7 @@ class WdsShard:
     def __len__(self) -> int:
         return len(self._build_index())
 
-    def read(self, start: int, stop: int, modalities: list[str] | None = None) -> FeatureBlock:
+    def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
         """Samples [start, stop): one seek and one read covering their members."""
         full = self._build_index()
         if stop > len(full):
@@ -111,7 +111,7 @@ class WdsShard:
             np.cumsum([len(t) for t in tokens], out=offsets[1:])
             arrays[m] = ModalityArrays(np.concatenate(tokens), offsets, pooled)
         captions = [bytes(member(i, "txt")).decode() for i in range(len(index))]
-        meta = [bytes(member(i, "json")).decode() for i in range(len(index))]
+        meta = [bytes(member(i, "json")).decode() for i in range(len(index))] if with_meta else [""] * len(index)
         return FeatureBlock(keys, captions, meta, arrays)
 
     def close(self) -> None:
