@@ -35,14 +35,16 @@ def main(argv=None) -> int:
 
     formats = ["hdf5", "webdataset"] if args.format == "both" else [args.format or cfg.data.store_format]
     D.init_process_group()
+    clean = False
     try:
         encoders = build_encoders(cfg.encoders, resolve_device(args.device))
         manifests = extract_store(cfg, encoders, formats, args.batch_size, args.overwrite, args.split)
         if D.rank() == 0:
             for split, path in manifests.items():
                 print(f"{split}: {path}")
+        clean = True
     finally:
-        D.teardown()
+        D.teardown(clean)
     return 0
 
 

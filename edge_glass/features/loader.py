@@ -79,7 +79,9 @@ class FeatureLoader:
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self._plans: dict[int, _Plan] = {}
-        if len(self) == 0:
+        if drop_last and len(self) == 0:
+            # Training cannot run on zero batches; evaluation (drop_last=False) may leave a rank
+            # with nothing, and still joins the gathers.
             raise UserError(
                 f"{split.path}: {len(split)} samples in blocks of {block_size} give no full batch of {batch_size} "
                 f"on each of {world_size} rank(s); lower data.micro_batch_size or data.read_block_size, or add data"

@@ -265,6 +265,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
         log.write({"kind": "eval", "step": step, **metrics, "best": best["value"]})
 
     stop = _StopFlag()
+    clean_exit = False
     step = engine.global_steps
     samples_per_micro = cfg.data.micro_batch_size * world
     window = {"loss": 0.0, "micro": 0, "wait": 0.0, "t0": time.perf_counter()}
@@ -303,12 +304,14 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     if stopping:
                         if rank == 0:
                             print(f"stopped by signal after step {step}; checkpoint saved, resume with --resume auto")
+                        clean_exit = True
                         return run_dir
         if last_saved != step:
             save(step)
+        clean_exit = True
     finally:
         stop.restore()
-        D.teardown()
+        D.teardown(clean=clean_exit)
     return run_dir
 
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""The CPU quickstart, end to end, on the offline local models and the synthetic tri-modal set.
+
+Run with:
+    .venv/bin/python scripts/quickstart.py
+
+Each step is the command a user would type; it is printed, then run. Every step resumes or
+skips what is already done, so running the quickstart twice is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/cpu/quickstart.yaml"
+
+
+def free_port() -> int:
+    """The launcher's default port 29500 may be held by another job on the machine; two jobs on
+    one port hang in rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def steps(num_samples: int, ranks: int, train_overrides: list[str]) -> list[tuple[str, list[str]]]:
+    py = [sys.executable]
+    # The venv's own `deepspeed` launcher, the command users type on a GPU box.
+    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
+    script = lambda name: str(REPO / "scripts" / name)  # noqa: E731
+    config = str(REPO / CONFIG)
+    sets = [arg for o in train_overrides for arg in ("--set", o)]
+    return [
+        ("local models", py + [script("make_local_models.py"), "--out", "models/local"]),
+        ("synthetic data", py + [script("download_datasets.py"), "--dataset", "synthetic", "--num_samples", str(num_samples),
+                                 "--out", "data/raw/synthetic"]),
+        ("feature store", py + [script("extract_features.py"), "--config", config]),
+        ("align stage", deepspeed + [script("train.py"), "--config", config, *sets]),
+        ("evaluate", py + [script("evaluate.py"), "--run", "runs/quickstart", "--split", "test"]),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_samples", type=int, default=2400, help="synthetic samples over train/val/test (default 2400)")
+    parser.add_argument("--ranks", type=int, default=2, help="training processes (default 2: one per CPU core)")
+    parser.add_argument("--workdir", default=".", help="where models/, data/ and runs/ go (default: the current directory)")
+    parser.add_argument("--max_steps", type=int, default=None, help="shorter training, e.g. for a smoke test")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    # Offline by design, and DeepSpeed should not probe for a GPU on a CPU box.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    started = time.perf_counter()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Absolute, so the run also finds it when --workdir is elsewhere.
+    overrides = [f"train.deepspeed={REPO / 'ds_configs' / 'zero2.json'}"]
+    if args.max_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    for i, (name, cmd) in enumerate(steps(args.num_samples, args.ranks, overrides), 1):
+        shown = [Path(c).relative_to(REPO).as_posix() if c.startswith(str(REPO)) else c for c in cmd]
+        shown[0] = "deepspeed" if Path(cmd[0]).name == "deepspeed" else "python"
+        print(f"\n[{i}] {name}: {shlex.join(shown)}", flush=True)
+        step_env = dict(env)
+        if shown[0] == "deepspeed":
+            # One thread per rank: the ranks already use every core; more threads only fight.
+            step_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
+        code = subprocess.call(cmd, cwd=workdir, env=step_env)
+        if code != 0:
+            print(f"quickstart: step {i} ({name}) failed with exit code {code}", file=sys.stderr)
+            return code
+    print(f"\nquickstart done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The README's quickstart, end to end, as a shorter twin (fewer samples and steps).
+
+Run with: python -m pytest tests/test_quickstart.py -q
+It builds the real local model set, makes synthetic data, extracts features, trains the align
+stage under the `deepspeed` launcher on 2 CPU ranks, and evaluates: every step a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "quickstart.py"), "--workdir", str(tmp_path),
+           "--num_samples", "480", "--max_steps", "12"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "quickstart done" in proc.stdout
+    report = json.loads((tmp_path / "runs/quickstart/eval/test-step12.json").read_text())
+    chance = 1 / report["num_samples"]
+    full = max(r["dim"] for r in report["rows"])
+    vt = [r["R@1"] for r in report["rows"] if r["pair"] == "vision_text" and r["dim"] == full]
+    assert len(vt) == 2, "both directions are reported"
+    assert min(vt) > 5 * chance, f"vision-text R@1 {vt} is not well above chance {chance:.3f}"
+    assert (tmp_path / "runs/quickstart/eval/test-step12.png").stat().st_size > 0
