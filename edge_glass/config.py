@@ -411,7 +411,8 @@ class TrainConfig:
     deepspeed: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its "auto" fields are filled from this config."""
     monitor: list[Literal["csv", "tensorboard"]] = field(default_factory=lambda: ["csv"])
-    """DeepSpeed monitors writing loss and lr under `<run>/monitor/` (tensorboard needs the package)."""
+    """DeepSpeed's own monitors under `<run>/monitor/` (what DeepSpeed records, e.g. the lr; the full
+    log is `metrics.jsonl`). tensorboard needs the package."""
     init_from: str | None = None
     """Align run directory whose adapters the instruct stage starts from."""
     freeze_adapters: bool = True

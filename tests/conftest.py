@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `scripts/<script>` with this interpreter, as a user would, capturing its output.
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a process and all its descendants. Killing the process group is not enough:
+    torch 2.13's torchrun starts each rank in a session of its own, so ranks would outlive it."""
+    import psutil
 
-    A new session lets a timeout kill the whole process group (torchrun ranks included) instead
-    of leaving orphans behind (notes/cpu-stack.md P3).
-    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_script(script: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>` with this interpreter, as a user would, capturing its output;
+    on timeout the whole process tree is killed, so no rank is left behind."""
     cmd = [sys.executable, str(REPO / "scripts" / script), *args]
     proc = subprocess.Popen(
         cmd, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -30,7 +45,7 @@ def run_script(script: str, *args: str, timeout: float = 300, cwd: Path | None =
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"{script} timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

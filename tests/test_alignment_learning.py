@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import kill_tree
 import torch
 
 from helpers.align_two_ranks import build_model, global_batch, grads
@@ -49,7 +51,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
     try:
         stdout, stderr = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         pytest.fail(f"two-rank run timed out\nstdout:\n{stdout}\nstderr:\n{stderr}")
     assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"

@@ -51,6 +51,10 @@ def load_alignment_model(run_dir: str | Path, which: str = "best") -> tuple[Conf
     features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in cfg.model.adapters.enabled()}
     model = AlignmentModel(cfg.model, cfg.loss, features)
     missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
-    if unexpected or [k for k in missing if not k.endswith((".mean", ".std"))]:
+    # Checkpoints leave frozen parameters out (they are rebuilt from the config), and the
+    # standardisation buffers come from the store's manifest.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen and not k.endswith((".mean", ".std"))]
+    if unexpected or missing:
         raise UserError(f"{checkpoint}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return cfg, model.eval(), checkpoint

@@ -39,6 +39,8 @@ RESUMABLE_FIELDS = (
     "train.max_steps", "train.epochs", "train.eval_interval", "train.save_interval", "train.keep_last",
     "train.log_interval", "train.deepspeed", "train.monitor", "data.num_workers", "data.eval_batch_size",
     "eval.",
+    # Where the store lives may change; what it holds is checked by its fingerprint.
+    "data.features_dir",
 )
 
 
@@ -239,6 +241,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                   + (" (weights only, fresh optimizer)" if plan.weights_only else ""))
     else:
         torch.manual_seed(cfg.experiment.seed + 1000 * rank)  # per-rank dropout streams
+        log.truncate_after(0)  # a run killed before its first checkpoint starts its log afresh
         if rank == 0:
             parameter_table(model.parameter_table(), run_dir)
 
@@ -256,13 +259,15 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
         ckpt.save(engine, run_dir / "checkpoints", step, client_state={"edge_glass": meta}, meta=meta)
         ckpt.prune(run_dir / "checkpoints", cfg.train.keep_last, {best["tag"]} if best["tag"] else set())
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> bool:
+        """Evaluate and track the best; True when this step is the new best (and must be saved)."""
         metrics = task.evaluate(engine, val_split, rank, world)
         value = metrics[task.best_metric]
         improved = best["value"] is None or (value > best["value"] if task.higher_is_better else value < best["value"])
         if improved:
             best.update(value=value, tag=ckpt.tag_for(step))
         log.write({"kind": "eval", "step": step, **metrics, "best": best["value"]})
+        return improved
 
     stop = _StopFlag()
     clean_exit = False
@@ -282,6 +287,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     if batch is None:
                         break  # end of epoch; the loader now points at the next one
                     loss, parts = task.loss(engine, to_device(batch, engine.device))
+                    lr_used = float(scheduler.get_last_lr()[0])  # the rate this step trains with
                     engine.backward(loss)
                     engine.step()
                     window["loss"] += float(loss.detach())
@@ -291,14 +297,16 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     step = engine.global_steps
                     bar.advance(1)
                     if step % cfg.train.log_interval == 0 or step == total_steps:
-                        record = _log_record(step, loader.epoch, window, samples_per_micro, scheduler, parts, world)
+                        record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used, parts, world)
                         bar.update(description=f"train {cfg.experiment.name} loss {record['loss']:.4f}")
                         log.write(record)
                         window.update(loss=0.0, micro=0, wait=0.0, t0=time.perf_counter())
                     stopping = stop.agreed()
+                    improved = False
                     if step % cfg.train.eval_interval == 0 or step == total_steps:
-                        evaluate(step)
-                    if step % cfg.train.save_interval == 0 or step == total_steps or stopping:
+                        improved = evaluate(step)
+                    # A new best is saved at once, so "best" always names a checkpoint on disk.
+                    if improved or step % cfg.train.save_interval == 0 or step == total_steps or stopping:
                         save(step)
                         last_saved = step
                     if stopping:
@@ -315,7 +323,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     return run_dir
 
 
-def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, scheduler, parts: dict, world: int) -> dict:
+def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int) -> dict:
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
     loss = torch.tensor([window["loss"] / max(window["micro"], 1)])
     if world > 1:
@@ -326,7 +334,7 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, sch
         "step": step,
         "epoch": epoch,
         "loss": float(loss.item()),
-        "lr": float(scheduler.get_last_lr()[0]),
+        "lr": lr,
         "samples_per_s": window["micro"] * samples_per_micro / elapsed,
         "data_wait": window["wait"] / elapsed,
         **{k: v for k, v in parts.items() if k == "logit_scale"},

@@ -168,10 +168,10 @@ def start(cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.P
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    """The process and every descendant (torchrun puts its ranks in sessions of their own)."""
+    from conftest import kill_tree
+
+    kill_tree(proc.pid, sig)
 
 
 def run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
