@@ -74,6 +74,22 @@ def test_zero2_checkpoint_under_zero3_is_refused_pointing_at_weights_only(tw: Tr
     assert "ZeRO-3" in lines[0] and "--weights-only" in lines[0]
 
 
+def test_weights_only_moves_a_zero2_run_to_zero3_and_trains_on(tw: TrainerWorld, tmp_path: Path) -> None:
+    """The path the refusal points at: the step-3 weights load under ZeRO-3 with a fresh
+    optimizer, and training continues from step 4 (the first resumed loss is the step-3 model's,
+    so it is far below the loss of a fresh start)."""
+    run = copy_run(tw, tmp_path, keep_steps=[3])
+    result = train(tmp_path, tw.config, "--deepspeed", str(ZERO3), "--weights-only", nproc=2)
+    result.check()
+    assert "weights only, fresh optimizer" in result.stdout, f"{result}"
+    assert meta(checkpoint(run, MAX_STEPS))["zero_stage"] == 3
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, MAX_STEPS + 1))
+    assert_finite_losses(run)
+    reference = losses(tw.reference_run)
+    assert resumed[4] < reference[1], "the resumed run starts from the trained weights, not from scratch"
+
+
 # --- 3. 2 processes -> 1 process ------------------------------------------------------------------------
 
 

@@ -298,7 +298,9 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     bar.advance(1)
                     if step % cfg.train.log_interval == 0 or step == total_steps:
                         record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used, parts, world)
-                        bar.update(description=f"train {cfg.experiment.name} loss {record['loss']:.4f}")
+                        bar.update(description=f"train {cfg.experiment.name} · loss {record['loss']:.4f} · "
+                                               f"lr {record['lr']:.2e} · {record['samples_per_s']:,.0f} samples/s · "
+                                               f"data wait {100 * record['data_wait']:.0f}%")
                         log.write(record)
                         window.update(loss=0.0, micro=0, wait=0.0, t0=time.perf_counter())
                     stopping = stop.agreed()
