@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from edge_glass.utils.errors import UserError
+
 
 
 @dataclass
@@ -79,6 +81,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def check_layer(layer: int, num_layers: int, where: str, model: str) -> None:
+    """Hidden-state indices run from -(num_layers + 1) (the embeddings) to num_layers."""
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise UserError(f"{where}: {layer} is outside [-{num_layers + 1}, {num_layers}] for {model}")
 
 
 def weights_fingerprint(model: Any) -> str:

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from edge_glass.config import VisionEncoderConfig, check_model_dir
-from edge_glass.encoders.base import EncodedBatch, FrozenEncoder, weights_fingerprint
+from edge_glass.encoders.base import EncodedBatch, FrozenEncoder, check_layer, weights_fingerprint
 from edge_glass.encoders.images import to_rgb
-from edge_glass.utils.errors import UserError
 
 
 class ClipVisionEncoder(FrozenEncoder):
@@ -36,9 +35,7 @@ class ClipVisionEncoder(FrozenEncoder):
         # Another resolution than the one CLIP was trained at needs interpolated position
         # embeddings (what LLaVA-style 336-px variants do); same size keeps the exact model.
         self.interpolate = self.image_size != native
-        layers = self.model.config.num_hidden_layers
-        if not -(layers + 1) <= cfg.layer <= layers:
-            raise UserError(f"encoders.vision.layer: {cfg.layer} is outside [-{layers + 1}, {layers}] for {cfg.model}")
+        check_layer(cfg.layer, self.model.config.num_hidden_layers, "encoders.vision.layer", cfg.model)
 
     @property
     def token_dim(self) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from edge_glass.config import AudioEncoderConfig, check_model_dir
 from edge_glass.encoders.audio import prepare_waveform
-from edge_glass.encoders.base import EncodedBatch, FrozenEncoder, masked_mean, weights_fingerprint
+from edge_glass.encoders.base import EncodedBatch, FrozenEncoder, check_layer, masked_mean, weights_fingerprint
 from edge_glass.utils.errors import UserError
 
 # Whisper's log-mel front end: 10 ms hop, and the encoder's stride-2 conv halves the frames.
@@ -54,9 +54,7 @@ class WhisperAudioEncoder(FrozenEncoder):
         self.window_samples = positions * _CONV_STRIDE * int(round(_HOP_SECONDS * self.rate))
         self.encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
         del model  # the decoder is never used; drop it before extraction allocates batches
-        layers = self.encoder.config.encoder_layers
-        if not -(layers + 1) <= cfg.layer <= layers:
-            raise UserError(f"encoders.audio.layer: {cfg.layer} is outside [-{layers + 1}, {layers}] for {cfg.model}")
+        check_layer(cfg.layer, self.encoder.config.encoder_layers, "encoders.audio.layer", cfg.model)
 
     @property
     def token_dim(self) -> int:
