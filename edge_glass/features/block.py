@@ -12,6 +12,7 @@ slice. Padding happens per batch, in `pad_tokens`, to the batch's own longest sa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,7 @@ class ModalityArrays:
     pooled: np.ndarray
     """[N, P] pooled vector per sample."""
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 

@@ -52,6 +52,7 @@ class Hdf5Shard:
         # Dataset handles, looked up once: h5py's name lookup costs ~50 us a call, as much as
         # reading a small block, and the loader reads every block of every epoch.
         self._datasets: dict[str, h5py.Dataset] = {}
+        self._text: dict[str, list[str]] = {}
 
     def _open(self) -> h5py.File:
         if self._file is None:
@@ -70,9 +71,17 @@ class Hdf5Shard:
             if offset is not None and ds.size:
                 # Copy-on-write: the map is writable as far as numpy/torch know (no torch
                 # warning on wrapping it), and nothing is ever written back to the file.
-                ds = np.memmap(self.path, mode="c", dtype=ds.dtype, offset=offset, shape=ds.shape)
+                # A plain ndarray view: slicing a np.memmap subclass costs ~10 us of Python each.
+                ds = np.memmap(self.path, mode="c", dtype=ds.dtype, offset=offset, shape=ds.shape).view(np.ndarray)
             self._datasets[name] = ds
         return ds
+
+    def _strings(self, name: str) -> list[str]:
+        """A whole string dataset, decoded once: a shard's keys or captions are a few hundred KB,
+        and reading them through h5py block by block cost as much as the feature arrays."""
+        if name not in self._text:
+            self._text[name] = [s.decode() for s in self._open()[name][:]]
+        return self._text[name]
 
     def __len__(self) -> int:
         return int(self._ds("keys").shape[0])
@@ -85,9 +94,9 @@ class Hdf5Shard:
         """Samples [start, stop): one slice per dataset, whatever the lengths. Without
         `with_meta` the per-sample JSON is left unread (training never looks at it)."""
         try:
-            keys = [s.decode() for s in self._ds("keys")[start:stop]]
-            captions = [s.decode() for s in self._ds("captions")[start:stop]]
-            meta = [s.decode() for s in self._ds("meta")[start:stop]] if with_meta else [""] * len(keys)
+            keys = self._strings("keys")[start:stop]
+            captions = self._strings("captions")[start:stop]
+            meta = self._strings("meta")[start:stop] if with_meta else [""] * len(keys)
             arrays = {}
             for m in modalities if modalities is not None else self.modalities:
                 offsets = self._ds(f"{m}/offsets")[start : stop + 1]
@@ -100,9 +109,10 @@ class Hdf5Shard:
     def close(self) -> None:
         if self._file is not None:
             self._datasets.clear()
+            self._text.clear()
             self._file.close()
             self._file = None
 
     def __getstate__(self) -> dict:
         # An open h5py handle cannot cross a fork/pickle; workers reopen on first read.
-        return {"path": self.path, "_file": None, "_datasets": {}}
+        return {"path": self.path, "_file": None, "_datasets": {}, "_text": {}}
