@@ -26,15 +26,12 @@ from torch import Tensor, nn
 from edge_glass.config import TRMConfig
 from edge_glass.decoders.trm import (
     IGNORE_INDEX,
-    TinyNet,
-    TokenEmbedding,
+    build_backbone,
     build_context,
     compact_positions,
     cut_at_eos,
     decode_answers,
-    load_tokenizer,
     rope_cos_sin,
-    special_ids,
 )
 
 
@@ -43,16 +40,8 @@ class CausalBaseline(nn.Module):
 
     def __init__(self, cfg: TRMConfig, tokenizer=None) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-        self.vocab_size = len(self.tokenizer)
-        self.eos_id, self.pad_id = special_ids(self.tokenizer)
+        build_backbone(self, cfg, tokenizer)
         h = cfg.hidden_dim
-        self.head_dim = h // cfg.num_heads
-        self.embed = TokenEmbedding(self.vocab_size, h)
-        self.prefix_norm = nn.RMSNorm(h, eps=1e-6)
-        self.net = TinyNet(h, cfg.num_layers, cfg.num_heads)
-        self.head = nn.Linear(h, self.vocab_size, bias=False)
         self.bos = nn.Parameter(nn.init.trunc_normal_(torch.empty(h), std=1.0, a=-2.0, b=2.0))
 
     def forward(

@@ -178,6 +178,21 @@ class TokenEmbedding(nn.Module):
         return self.scale * F.embedding(ids, self.weight)
 
 
+def build_backbone(module: nn.Module, cfg: TRMConfig, tokenizer=None) -> None:
+    """What the TRM and its causal baseline share: tokenizer, embeddings, prefix norm, the tiny
+    network and an untied output head, so the comparison differs only in how f is applied."""
+    module.cfg = cfg
+    module.tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
+    module.vocab_size = len(module.tokenizer)
+    module.eos_id, module.pad_id = special_ids(module.tokenizer)
+    h = cfg.hidden_dim
+    module.head_dim = h // cfg.num_heads
+    module.embed = TokenEmbedding(module.vocab_size, h)
+    module.prefix_norm = nn.RMSNorm(h, eps=1e-6)
+    module.net = TinyNet(h, cfg.num_layers, cfg.num_heads)
+    module.head = nn.Linear(h, module.vocab_size, bias=False)
+
+
 def load_tokenizer(name: str):
     """The tokenizer of `TRMConfig.tokenizer` (hub id or local directory), via AutoTokenizer."""
     from transformers import AutoTokenizer
@@ -346,16 +361,8 @@ class TRM(nn.Module):
 
     def __init__(self, cfg: TRMConfig, tokenizer=None) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-        self.vocab_size = len(self.tokenizer)
-        self.eos_id, self.pad_id = special_ids(self.tokenizer)
+        build_backbone(self, cfg, tokenizer)
         h = cfg.hidden_dim
-        self.head_dim = h // cfg.num_heads
-        self.embed = TokenEmbedding(self.vocab_size, h)
-        self.prefix_norm = nn.RMSNorm(h, eps=1e-6)
-        self.net = TinyNet(h, cfg.num_layers, cfg.num_heads)
-        self.head = nn.Linear(h, self.vocab_size, bias=False)
         self.q_head = nn.Linear(h, 1)
         self.y_init = nn.Parameter(nn.init.trunc_normal_(torch.empty(h), std=1.0, a=-2.0, b=2.0))
         self.z_init = nn.Parameter(nn.init.trunc_normal_(torch.empty(h), std=1.0, a=-2.0, b=2.0))
