@@ -31,7 +31,6 @@ _STR = h5py.string_dtype("utf-8")
 def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
     """Write `block` to `path` (the caller renames a temporary path into place)."""
     with h5py.File(path, "w") as f:
-        n = len(block)
         for name, values in (("keys", block.keys), ("captions", block.captions), ("meta", block.meta)):
             f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR, track_times=False)
         for m, arrays in block.modalities.items():

@@ -69,7 +69,7 @@ def build_ds_config(cfg: Config, path: str | Path, world_size: int, precision: s
         ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "csv"}
     if "tensorboard" in cfg.train.monitor:
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  (only checks that it is installed)
         except ImportError:
             raise UserError("train.monitor: tensorboard needs the package: pip install tensorboard") from None
         ds["tensorboard"] = {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "tensorboard"}
