@@ -72,8 +72,10 @@ class DataConfig:
     """Samples per rank per forward pass (DeepSpeed's `train_micro_batch_size_per_gpu`)."""
     eval_batch_size: int = 256
     """Samples per rank per forward pass during evaluation (no gradients, so it can be larger)."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    prefetch_batches: int = 2
+    """Batches a background thread keeps ready per rank (0: load inside the training loop).
+    A thread, not worker processes: the loader reads memory-mapped blocks and its copies release
+    the GIL, and on small machines worker processes measured slower (notes/cpu-stack.md §6)."""
     store_format: Literal["hdf5", "webdataset"] = "hdf5"
     """Which backend of the feature store training reads (extraction may write both)."""
     read_block_size: int = 64
@@ -83,7 +85,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "micro_batch_size", "eval_batch_size", "read_block_size", "shuffle_window_blocks")
-        _check_non_negative(self, "num_workers")
+        _check_non_negative(self, "prefetch_batches")
 
 
 @dataclass

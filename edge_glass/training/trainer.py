@@ -37,7 +37,7 @@ from edge_glass.utils.progress import progress_bar
 # Fields that may change between a run and its resume without changing what it computes.
 RESUMABLE_FIELDS = (
     "train.max_steps", "train.epochs", "train.eval_interval", "train.save_interval", "train.keep_last",
-    "train.log_interval", "train.deepspeed", "train.monitor", "data.num_workers", "data.eval_batch_size",
+    "train.log_interval", "train.deepspeed", "train.monitor", "data.prefetch_batches", "data.eval_batch_size",
     "eval.",
     # Where the store lives may change; what it holds is checked by its fingerprint.
     "data.features_dir",
@@ -205,6 +205,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     loader = FeatureLoader(
         train_split, cfg.data.micro_batch_size, modalities=task.modalities, seed=cfg.experiment.seed,
         rank=rank, world_size=world, block_size=cfg.data.read_block_size, window_blocks=cfg.data.shuffle_window_blocks,
+        prefetch_batches=cfg.data.prefetch_batches,
     )
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
