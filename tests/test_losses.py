@@ -186,7 +186,7 @@ def test_model_loss_is_the_weighted_sum_of_pair_and_dim_terms() -> None:
         a, b = pair.split("_")
         for d, wd in zip([4, 8, 16], weights):
             term = reference_info_nce(unit(emb[a][:, :d]), unit(emb[b][:, :d]), scale, ids)
-            assert parts[f"loss/{pair}@{d}"] == pytest.approx(float(term.detach()), rel=1e-5)
+            assert float(parts[f"loss/{pair}@{d}"]) == pytest.approx(float(term.detach()), rel=1e-5)
             ref = ref + w * wd * term
     want = torch.autograd.grad(ref, params, allow_unused=True)
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-6)

@@ -71,8 +71,11 @@ class AlignmentModel(nn.Module):
             out["fused"] = self.fusion(out["vision"], out["audio"])
         return out
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-        """(total loss, per-term values for logging, embeddings)."""
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(total loss, per-term values for logging as detached tensors, embeddings).
+
+        The terms stay tensors: turning them into Python floats here would force a device sync
+        per pair and dim on every step; the trainer converts only the steps it logs."""
         emb = self.embed(batch)
         device = next(iter(emb.values())).device
         ids = caption_ids(batch["captions"], device)
@@ -80,7 +83,7 @@ class AlignmentModel(nn.Module):
         gathered = {k: gather_with_grad(v) for k, v in emb.items() if any(k in p.split("_") for p in self.pairs)}
         scale = self.logit_scale()
         total = torch.zeros((), device=device)
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         for pair, weight in self.pairs.items():
             a, b = pair.split("_")
             pa, pb = mrl_prefixes(emb[a], self.dims), mrl_prefixes(emb[b], self.dims)
@@ -88,8 +91,8 @@ class AlignmentModel(nn.Module):
             for d in self.dims:
                 loss = info_nce(pa[d], pb[d], scale, pa_all[d], pb_all[d], ids, ids_all, self.loss_cfg.label_smoothing)
                 total = total + weight * self.dim_weights[d] * loss
-                parts[f"loss/{pair}@{d}"] = float(loss.detach())
-        parts["logit_scale"] = float(scale.detach())
+                parts[f"loss/{pair}@{d}"] = loss.detach()
+        parts["logit_scale"] = scale.detach()
         return total, parts, emb
 
     def parameter_table(self) -> list[tuple[str, int, int]]:

@@ -23,7 +23,7 @@ class AlignTask:
         features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in self.modalities}
         self.model = AlignmentModel(cfg.model, cfg.loss, features)
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, parts, _ = engine(batch)
         return loss, parts
 

@@ -83,11 +83,11 @@ class _StopFlag:
             raise KeyboardInterrupt  # a second Ctrl-C means now
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank was signalled, so all ranks save the same step."""
         if D.world_size() == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)  # nccl needs device tensors
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -291,20 +291,20 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     lr_used = float(scheduler.get_last_lr()[0])  # the rate this step trains with
                     engine.backward(loss)
                     engine.step()
-                    window["loss"] += float(loss.detach())
+                    window["loss"] = window["loss"] + loss.detach()  # no device sync until a logged step
                     window["micro"] += 1
                     if engine.global_steps == step:
                         continue  # inside a gradient-accumulation window
                     step = engine.global_steps
                     bar.advance(1)
                     if step % cfg.train.log_interval == 0 or step == total_steps:
-                        record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used, parts, world)
+                        record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used, parts, world, engine.device)
                         bar.update(description=f"train {cfg.experiment.name} · loss {record['loss']:.4f} · "
                                                f"lr {record['lr']:.2e} · {record['samples_per_s']:,.0f} samples/s · "
                                                f"data wait {100 * record['data_wait']:.0f}%")
                         log.write(record)
                         window.update(loss=0.0, micro=0, wait=0.0, t0=time.perf_counter())
-                    stopping = stop.agreed()
+                    stopping = stop.agreed(engine.device)
                     improved = False
                     if step % cfg.train.eval_interval == 0 or step == total_steps:
                         improved = evaluate(step)
@@ -326,9 +326,10 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     return run_dir
 
 
-def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int) -> dict:
+def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int,
+                device: torch.device) -> dict:
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    loss = torch.tensor([window["loss"] / max(window["micro"], 1)])
+    loss = torch.as_tensor(window["loss"], dtype=torch.float32, device=device).reshape(1) / max(window["micro"], 1)
     if world > 1:
         dist.all_reduce(loss)
         loss /= world
@@ -340,7 +341,7 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
         "lr": lr,
         "samples_per_s": window["micro"] * samples_per_micro / elapsed,
         "data_wait": window["wait"] / elapsed,
-        **{k: v for k, v in parts.items() if k == "logit_scale"},
+        **{k: float(v) for k, v in parts.items() if k == "logit_scale"},
     }
 
 
