@@ -1,0 +1,444 @@
+#!/usr/bin/env python
+"""One prepared check of the pipeline's speed on a GPU box: extraction, align and instruct stages.
+
+Run with (normally through benchmarks/gpu_check.sh, which sets the environment):
+    python benchmarks/gpu_check.py                      # real shapes, a few minutes on one H100/H200
+    python benchmarks/gpu_check.py --dry-run --out tmp  # tiny shapes, seconds, any machine
+
+A GPU lease is short and the box has no internet, so everything it needs is made on the box
+(random-weight models of the real architectures, synthetic data) and every section is bounded in
+time and guarded: one failure is reported in the output and the others still run.
+
+  vision_extract  CLIP ViT-L/14-336 in bf16 through the repo's ClipVisionEncoder: image
+                  preprocessing alone (CPU), encode() (forward with hidden states, tokens copied
+                  to the host, as extraction stores them) and the bare model forward, on
+                  synthetic 480x360 images, batch 64.
+  align           the align stage as a user runs it: a synthetic raw set
+                  (scripts/download_datasets.py), a feature store from the real-shape encoders
+                  (extract_store: decode, preprocess, encode, write HDF5), then scripts/train.py
+                  for a fixed number of steps; samples/s and data-wait come from the run's
+                  metrics.jsonl, start-up window excluded.
+  instruct        Qwen2.5-0.5B-shaped QwenDecoder with LoRA (r 16 on q,k,v,o) behind a Connector
+                  prefix, bf16 autocast, torch AdamW, batch 16 x 256 tokens: ms/step, tokens/s
+                  and MFU (edge_glass.training.flops), with FlopCounterMode's count as a check on
+                  the analytic FLOPs.
+
+It writes gpu_check.json and gpu_check.md to --out after every section (so a run cut short
+still leaves what it measured) and prints the table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+
+from _gpu_check_models import model_dir  # noqa: E402
+from edge_glass.training.flops import causal_lm_flops_per_token, count_flops, linear_params, mfu, peak_flops  # noqa: E402
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtype: torch.dtype
+    dry_run: bool
+    align_precision: str
+    seconds: float
+    """Measured time per timed loop (after warm-up)."""
+    work: Path
+    models: Path
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def model(self, name: str) -> Path:
+        return model_dir(self.models, name, self.dry_run)
+
+
+def timed(ctx: Context, step: Callable[[], object], warmup: int = 2, min_steps: int = 3) -> tuple[int, float]:
+    """(steps, seconds) of `step` run for about ctx.seconds after `warmup` untimed calls; the
+    device is synchronised at both ends, so queued GPU work is inside the time."""
+    for _ in range(warmup):
+        step()
+    ctx.sync()
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < ctx.seconds:
+        step()
+        n += 1
+    ctx.sync()
+    return n, time.perf_counter() - t0
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# (i) extraction: CLIP ViT-L/14-336 through the repo's encoder
+# --------------------------------------------------------------------------------------------
+
+
+def vision_extract(ctx: Context) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from edge_glass.config import VisionEncoderConfig
+    from edge_glass.encoders.clip_vision import ClipVisionEncoder
+
+    batch = 8 if ctx.dry_run else 64
+    width, height = (40, 30) if ctx.dry_run else (480, 360)  # larger than the crop, so resizing is timed too
+    enc = ClipVisionEncoder(VisionEncoderConfig(model=str(ctx.model("vision")), dtype=dtype_name(ctx.dtype)),
+                            ctx.device, ctx.dtype)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(batch)]
+
+    n, s = timed(ctx, lambda: enc.prepare(images), warmup=1, min_steps=2)
+    prepare_rate = n * batch / s
+    prepared = enc.prepare(images)
+    n, s = timed(ctx, lambda: enc.encode(prepared))
+    encode_rate = n * batch / s
+    pixels = prepared["pixel_values"].to(ctx.device, ctx.dtype)
+
+    @torch.inference_mode()
+    def bare() -> None:
+        enc.model(pixel_values=pixels)
+
+    n, s = timed(ctx, bare)
+    bare_rate, bare_batch_s = n * batch / s, s / n
+    flops_per_image = count_flops(bare) / batch
+    peak = peak_flops(ctx.device, ctx.dtype)
+    cfg = enc.model.config
+    del enc
+    return {
+        "what": f"CLIP ViT (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.image_size} px, "
+                f"patch {cfg.patch_size}), {dtype_name(ctx.dtype)}, batch {batch}, {width}x{height} images",
+        "metrics": {
+            "prepare_samples_per_s": prepare_rate,
+            "encode_samples_per_s": encode_rate,
+            "bare_forward_samples_per_s": bare_rate,
+            "forward_gflops_per_image": flops_per_image / 1e9,
+            "forward_tflops_per_s": flops_per_image * bare_rate / 1e12,
+            "forward_mfu": mfu(flops_per_image * batch, bare_batch_s, peak),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# (ii) align stage: raw set -> feature store -> scripts/train.py, read back from metrics.jsonl
+# --------------------------------------------------------------------------------------------
+
+
+def run_script(args: list[str], log: Path, timeout: float) -> None:
+    """Run a repo script with this interpreter; its output goes to `log`, whose tail is the error."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with log.open("w") as f:
+        try:
+            code = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {timeout:.0f} s"
+    if code != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{Path(args[0]).name} failed ({code}); end of {log}:\n{tail}")
+
+
+def align(ctx: Context) -> dict:
+    from edge_glass.config import config_from_dict, save_config
+    from edge_glass.encoders.factory import build_encoders
+    from edge_glass.features.extract import extract_store
+
+    work = ctx.work / "align"
+    work.mkdir(parents=True, exist_ok=True)
+    samples, image_size, micro_batch, steps, log_every = (
+        (120, 32, 8, 4, 1) if ctx.dry_run else (2560, 336, 256, 300, 10))
+    run_script([str(REPO / "scripts" / "download_datasets.py"), "--dataset", "synthetic", "--num_samples", str(samples),
+                "--out", str(work / "raw"), "--image_size", str(image_size), "--shard_size", str(max(samples // 8, 16)),
+                "--workers", str(min(8, os.cpu_count() or 1))], work / "download.log", timeout=120)
+
+    # The quickstart's model (configs/cpu/quickstart.yaml), so the GPU figure compares with the
+    # CPU one in BENCHMARKS.md; only the encoders, the batch and the run length differ.
+    cfg = config_from_dict({
+        "experiment": {"name": "gpu-check", "output_dir": str(work / "runs")},
+        "data": {"raw_dir": str(work / "raw"), "features_dir": str(work / "store"), "micro_batch_size": micro_batch},
+        "encoders": {"batch_size": 16 if ctx.dry_run else 64,
+                     "vision": {"model": str(ctx.model("vision")), "layer": -2},
+                     "audio": {"model": str(ctx.model("audio")), "audio_seconds": 1.0},
+                     "text": {"model": str(ctx.model("text"))}},
+        "model": {"shared_dim": 256, "mrl_dims": [32, 64, 128],
+                  "adapters": {"vision": {"kind": "attn_pool", "hidden_dim": 512, "num_heads": 4},
+                               "audio": {"kind": "attn_pool", "hidden_dim": 512, "num_heads": 4},
+                               "text": {"kind": "mlp", "hidden_dim": 512}}},
+        "loss": {"pairs": {"vision_text": 1.0, "audio_text": 1.0, "vision_audio": 0.5}},
+        "optim": {"lr": 1e-3, "warmup_steps": 20},
+        "train": {"stage": "align", "precision": ctx.align_precision, "max_steps": steps, "log_interval": log_every,
+                  "eval_interval": steps, "save_interval": steps, "deepspeed": str(REPO / "ds_configs" / "zero2.json")},
+    })
+    save_config(cfg, work / "align.yaml")
+
+    encoders = build_encoders(cfg.encoders, ctx.device)
+    t = time.perf_counter()
+    extract_store(cfg, encoders, ["hdf5"])
+    extract_s = time.perf_counter() - t
+    del encoders
+    free_memory()
+
+    t = time.perf_counter()
+    run_script([str(REPO / "scripts" / "train.py"), "--config", str(work / "align.yaml")], work / "train.log",
+               timeout=120 if ctx.dry_run else 240)
+    train_wall = time.perf_counter() - t
+    records = [json.loads(line) for line in (work / "runs" / "gpu-check" / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r["kind"] == "train"]
+    # The first window holds start-up (allocator growth, kernel selection); drop it when there are others.
+    steady = windows[1:] or windows
+    # Every window trains the same number of samples, so its duration is proportional to 1/rate.
+    weights = [1.0 / r["samples_per_s"] for r in steady]
+    return {
+        "what": f"3 encoders ({'tiny' if ctx.dry_run else 'CLIP ViT-L/14-336, Whisper-base 1-s window, MiniLM-L6'}) "
+                f"-> quickstart adapters, precision {ctx.align_precision}, micro-batch {micro_batch}, {steps} steps, "
+                f"{samples} synthetic samples",
+        "metrics": {
+            "extract_samples_per_s": samples / extract_s,
+            "train_samples_per_s": len(steady) / sum(weights),
+            "data_wait": sum(w * r["data_wait"] for w, r in zip(weights, steady)) / sum(weights),
+            "train_wall_s": train_wall,
+        },
+        "windows": [{k: r[k] for k in ("step", "samples_per_s", "data_wait")} for r in windows],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# (iii) instruct stage: Qwen2.5-0.5B-shaped decoder + LoRA + connector prefix
+# --------------------------------------------------------------------------------------------
+
+
+def instruct(ctx: Context) -> dict:
+    from edge_glass.config import DecoderConfig, LoraConfig, ModelConfig, QwenConfig
+    from edge_glass.decoders.qwen import QwenDecoder
+    from edge_glass.models.connector import Connector
+
+    batch, seq = (2, 32) if ctx.dry_run else (16, 256)
+    decoder_defaults, shared_dim = DecoderConfig(), ModelConfig().shared_dim
+    prefix = decoder_defaults.num_prefix_tokens
+    lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    decoder = QwenDecoder(QwenConfig(model=str(ctx.model("qwen")), tune="lora", lora=lora), dtype=ctx.dtype).to(ctx.device)
+    connector = Connector(shared_dim, decoder.hidden_size, prefix, kind=decoder_defaults.connector).to(ctx.device)
+    trainable = [p for m in (decoder, connector) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    g = torch.Generator().manual_seed(0)
+    # Ids from the small tokenizer: valid rows of the full-size embedding. The first half of each
+    # sequence is prompt (no loss), with the prefix slots right after the first token.
+    ids = torch.randint(3, len(decoder.tokenizer), (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    positions = torch.arange(1, 1 + prefix).expand(batch, prefix)
+    mask = torch.ones_like(ids)
+    features = torch.randn(batch, shared_dim, generator=g)
+    ids, labels, positions, mask, features = (t.to(ctx.device) for t in (ids, labels, positions, mask, features))
+    autocast = torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
+
+    def forward_backward() -> None:
+        with autocast:
+            loss = decoder(connector(features), ids, mask, labels, positions).loss
+        loss.backward()
+
+    def step() -> None:
+        forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    n, s = timed(ctx, step, warmup=3)
+    step_s = s / n
+    # The connector runs once per sample, the decoder once per token.
+    flops = causal_lm_flops_per_token(decoder.model, seq) * batch * seq + 6.0 * linear_params(connector)[0] * batch
+    try:
+        counted = count_flops(forward_backward)
+    except Exception as e:  # noqa: BLE001 -- the count is a cross-check; older torch lacks some attention formulas
+        counted, flops_note = None, f"FlopCounterMode failed: {type(e).__name__}: {e}"
+    else:
+        flops_note = None
+    opt.zero_grad(set_to_none=True)
+    peak = peak_flops(ctx.device, ctx.dtype)
+    lm_trainable, lm_frozen = linear_params(decoder.model)
+    cfg = decoder.model.config.get_text_config()
+    return {
+        "what": f"Qwen2 (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) + LoRA r "
+                f"{lora.r} on q,k,v,o + {decoder_defaults.connector} connector ({prefix} prefix tokens), "
+                f"{dtype_name(ctx.dtype)} autocast, batch {batch} x {seq} tokens",
+        "metrics": {
+            "ms_per_step": 1e3 * step_s,
+            "tokens_per_s": batch * seq / step_s,
+            "samples_per_s": batch / step_s,
+            "mfu": mfu(flops, step_s, peak),
+            "tflops_per_s": flops / step_s / 1e12,
+            "flops_per_step": flops,
+            "counted_flops_per_step": counted,
+            "lora_params": lm_trainable,
+            "frozen_params": lm_frozen,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None,
+        },
+        "peak_flops": peak,
+        "flops_note": flops_note,
+    }
+
+
+SECTIONS: dict[str, Callable[[Context], dict]] = {"vision_extract": vision_extract, "align": align, "instruct": instruct}
+# Cheap, self-contained sections first: the align stage has the most moving parts (subprocesses,
+# DeepSpeed) and the longest run, so a global timeout cuts it rather than the others.
+RUN_ORDER = ("vision_extract", "instruct", "align")
+
+TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
+    "vision_extract": ("(i) extraction", [
+        ("bare_forward_samples_per_s", "vision forward, bare `model(pixel_values)`", "{:,.1f} samples/s"),
+        ("encode_samples_per_s", "repo `ClipVisionEncoder.encode` (hidden states, tokens to host)", "{:,.1f} samples/s"),
+        ("prepare_samples_per_s", "repo `prepare` (image preprocessing, 1 CPU thread)", "{:,.1f} samples/s"),
+        ("forward_tflops_per_s", "vision forward throughput", "{:,.1f} TFLOP/s"),
+        ("forward_mfu", "vision forward MFU", "{:.1%}"),
+    ]),
+    "align": ("(ii) align stage", [
+        ("extract_samples_per_s", "`extract_store` end to end, 3 encoders", "{:,.1f} samples/s"),
+        ("train_samples_per_s", "training, `scripts/train.py` (DeepSpeed ZeRO-2)", "{:,.1f} samples/s"),
+        ("data_wait", "training time spent waiting for data", "{:.1%}"),
+    ]),
+    "instruct": ("(iii) instruct stage", [
+        ("ms_per_step", "step (forward, backward, AdamW)", "{:,.1f} ms"),
+        ("tokens_per_s", "tokens", "{:,.0f} tokens/s"),
+        ("mfu", "MFU (analytic model FLOPs / dense peak)", "{:.1%}"),
+        ("tflops_per_s", "model FLOPs", "{:,.1f} TFLOP/s"),
+        ("counted_flops_per_step", "FlopCounterMode / analytic FLOPs per step", None),
+        ("peak_memory_gib", "peak GPU memory", "{:,.1f} GiB"),
+    ]),
+}
+
+
+def _cell(metrics: dict, key: str, fmt: str | None) -> str:
+    if key == "counted_flops_per_step":  # shown as a ratio: how far the formula is from torch's count
+        return "not counted" if metrics[key] is None else f"{metrics[key] / metrics['flops_per_step']:.3f}"
+    value = metrics.get(key)
+    return "n/a on this device" if value is None else fmt.format(value)
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"GPU check{' (dry run, tiny shapes)' if results['dry_run'] else ''}: **{env['device_name']}**, "
+        f"{env['dtype']}, {results['started']}",
+        f"torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, peft {env['peft']}, "
+        f"deepspeed {env['deepspeed']}, Python {env['python']}; dense peak "
+        + (f"{env['peak_tflops']:,.1f} TFLOP/s" if env["peak_tflops"] else "unknown (no MFU)"),
+        "",
+        "| section | measurement | value |",
+        "|---|---|---:|",
+    ]
+    for name, (title, rows) in TABLE.items():
+        section = results["sections"].get(name)
+        if section is None:
+            lines.append(f"| {title} | not run (time ran out) | |")
+        elif "error" in section:
+            lines.append(f"| {title} | **failed**: {section['error'].splitlines()[0][:160]} | |")
+        else:
+            lines.append(f"| {title} | {section['what']} | |")
+            for key, label, fmt in rows:
+                lines.append(f"| | {label} | {_cell(section['metrics'], key, fmt)} |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    peak = peak_flops(device, dtype)
+    return {
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "peak_tflops": peak / 1e12 if peak else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "deepspeed": version("deepspeed"),
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, end to end in seconds on any machine")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="where gpu_check.json and .md go")
+    p.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (default 15, dry run 0.3)")
+    p.add_argument("--sections", nargs="+", choices=RUN_ORDER, default=list(RUN_ORDER))
+    p.add_argument("--align-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="train.precision of the align run (auto: bf16 on GPUs that have it, as a user's run)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-model load/save bars would bury the section lines
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 where the GPU has it (what extraction and training use there); fp32 on CPU, where bf16 is slow.
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="eg-gpu-check-"))
+    seconds = args.seconds or (0.3 if args.dry_run else 15.0)
+    ctx = Context(device, dtype, args.dry_run, args.align_precision, seconds, work, work / "models")
+    results = {"dry_run": args.dry_run, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "environment": environment(device, dtype), "sections": {}}
+    try:
+        for name in (n for n in RUN_ORDER if n in args.sections):
+            print(f"gpu_check: {name} ...", flush=True)
+            t = time.perf_counter()
+            try:
+                section = SECTIONS[name](ctx)
+            except Exception as e:  # noqa: BLE001 -- one failing section must not stop the others
+                traceback.print_exc()
+                section = {"error": f"{type(e).__name__}: {e}"}
+            section["wall_s"] = time.perf_counter() - t
+            results["sections"][name] = section
+            free_memory()
+            (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+            (out / "gpu_check.md").write_text(markdown(results))
+            print(f"gpu_check: {name} {'FAILED' if 'error' in section else 'done'} in {section['wall_s']:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(results))
+    return 1 if any("error" in s for s in results["sections"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
