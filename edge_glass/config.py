@@ -69,7 +69,8 @@ class DataConfig:
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     """Names of the train/val/test splits."""
     micro_batch_size: int = 64
-    """Samples per rank per forward pass (DeepSpeed's `train_micro_batch_size_per_gpu`)."""
+    """Samples per rank per forward pass (DeepSpeed's `train_micro_batch_size_per_gpu`). In the
+    instruct stage each sample gives one sequence per instruction example (decoder.instructions)."""
     eval_batch_size: int = 256
     """Samples per rank per forward pass during evaluation (no gradients, so it can be larger)."""
     prefetch_batches: int = 2
@@ -164,8 +165,9 @@ class EncodersConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["mlp", "attn_pool", "perceiver"]
-    """`mlp` projects the pooled vector; `attn_pool` and `perceiver` read the token sequence."""
+    kind: Literal["mlp", "flat", "attn_pool", "perceiver"]
+    """`mlp` projects the pooled vector; `flat` projects the whole token sequence flattened (keeps
+    token positions; fixed-length tokens); `attn_pool` and `perceiver` pool the token sequence."""
     hidden_dim: int = 1024
     """Width of the MLP (the projector itself, or the head after pooling)."""
     num_layers: int = 2
@@ -282,6 +284,9 @@ class QwenConfig:
     """Load the frozen base in 8/4 bit (needs bitsandbytes and a GPU)."""
     max_length: int = 512
     """Longest tokenised prompt + answer; longer samples are cut before the answer, never inside it."""
+    enable_thinking: bool | None = None
+    """Passed to the chat template as `enable_thinking` (Qwen3: false renders the empty think block
+    the model expects when it answers directly); null passes nothing (Qwen2/2.5 templates)."""
 
 
 @dataclass
@@ -304,9 +309,17 @@ class TRMConfig:
     """Fixed answer length the TRM predicts in parallel (padded)."""
     halting: bool = True
     """Train a halting head and use it to stop early at inference."""
+    recursive: bool = True
+    """False trains the same network (tokenizer, width, layers, heads, max_answer_len) as a plain
+    causal decoder, the baseline the TRM is compared with; h_cycles, l_cycles, n_sup and halting
+    must then stay at their defaults."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "hidden_dim", "num_layers", "num_heads", "h_cycles", "l_cycles", "n_sup", "max_answer_len")
+        if not self.recursive:
+            for f in dataclasses.fields(self):
+                if f.name in ("h_cycles", "l_cycles", "n_sup", "halting") and getattr(self, f.name) != f.default:
+                    raise ConfigError(f"{{path}}.{f.name}: unused when recursive is false (the causal baseline)")
 
 
 @dataclass
@@ -323,9 +336,27 @@ class DecoderConfig:
     """Soft tokens per modality produced by the connector."""
     connector: Literal["linear", "mlp"] = "mlp"
     """Connector from aligned features to decoder-width prefix tokens."""
+    connector_input: Literal["pooled", "tokens"] = "pooled"
+    """`pooled`: the aligned embedding -> num_prefix_tokens soft tokens (one map). `tokens`: the
+    Perceiver's resampled latents, mapped one by one (LLaVA's projector); needs a perceiver
+    adapter with num_latents == num_prefix_tokens on every prefix modality."""
+    connector_hidden_dim: int | None = None
+    """Hidden width of the mlp connector; null uses the larger of its input and the decoder's width."""
+    instructions: list[Literal["caption", "qa"]] = field(default_factory=lambda: ["caption", "qa"])
+    """Which examples each sample gives: its caption as a describe-it answer, and its QA pairs."""
+    system_prompt: str | None = None
+    """System message rendered before the user turn (Qwen); null renders none, or the template's default."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_prefix_tokens")
+        if self.connector_hidden_dim is not None:
+            _check_positive(self, "connector_hidden_dim")
+        if not self.instructions:
+            raise ConfigError("{path}.instructions: need at least one of 'caption', 'qa'")
+        if not self.prefix_modalities or "text" in self.prefix_modalities:
+            raise ConfigError(f"{{path}}.prefix_modalities: need vision and/or audio, got {self.prefix_modalities}")
+        if self.kind == "trm" and self.system_prompt is not None:
+            raise ConfigError("{path}.system_prompt: only the qwen decoder renders a chat template")
         for kind in ("qwen", "trm"):
             section = getattr(self, kind)
             if self.kind == kind and section is None:
@@ -442,11 +473,16 @@ class EvalConfig:
     """Generation limit for QA evaluation."""
     num_samples_to_log: int = 16
     """Generations written to the run directory for inspection."""
+    max_samples: int | None = None
+    """Instruct stage: evaluate generation on at most this many samples of the split (null: all)."""
 
     def __post_init__(self) -> None:
         if not self.recall_ks or any(k <= 0 for k in self.recall_ks):
             raise ConfigError(f"{{path}}.recall_ks: need positive integers, got {self.recall_ks}")
         _check_positive(self, "chunk_size", "max_new_tokens")
+        _check_non_negative(self, "num_samples_to_log")
+        if self.max_samples is not None:
+            _check_positive(self, "max_samples")
 
 
 @dataclass
@@ -488,8 +524,32 @@ class Config:
                     raise ConfigError(f"model.fusion: {self.model.fusion!r} fuses vision and audio, and needs model.adapters.{modality}")
         if self.train.stage == "align" and not self.loss.pairs.active():
             raise ConfigError("loss.pairs: train.stage is 'align', which needs at least one pair with a non-zero weight")
-        if self.train.stage == "instruct" and self.decoder.kind == "none":
+        if self.train.stage == "instruct":
+            self._check_instruct()
+
+    def _check_instruct(self) -> None:
+        if self.decoder.kind == "none":
             raise ConfigError("decoder.kind: train.stage is 'instruct', which needs a decoder (qwen or trm)")
+        if self.loss.pairs.active():
+            raise ConfigError(
+                "loss.pairs: train.stage is 'instruct', which trains on the language-model loss alone; "
+                "set the pair weights to 0 (they belong to the align run in train.init_from)"
+            )
+        for modality in self.decoder.prefix_modalities:
+            adapter = getattr(self.model.adapters, modality)
+            if adapter is None:
+                raise ConfigError(f"decoder.prefix_modalities: {modality!r} needs model.adapters.{modality}")
+            if self.decoder.connector_input == "tokens":
+                if adapter.kind != "perceiver":
+                    raise ConfigError(
+                        f"decoder.connector_input: 'tokens' reads the Perceiver's resampled latents, but "
+                        f"model.adapters.{modality}.kind is {adapter.kind!r}; use 'pooled' or a perceiver adapter"
+                    )
+                if adapter.num_latents != self.decoder.num_prefix_tokens:
+                    raise ConfigError(
+                        f"decoder.num_prefix_tokens: {self.decoder.num_prefix_tokens} must equal "
+                        f"model.adapters.{modality}.num_latents ({adapter.num_latents}) with connector_input 'tokens'"
+                    )
 
 
 # --------------------------------------------------------------------------------------------

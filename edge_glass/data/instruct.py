@@ -86,7 +86,9 @@ def examples_from_meta(
         meta = json.loads(meta) if meta.strip() else {}
     examples: list[dict[str, Any]] = []
     caption = (caption or "").strip()
-    if include_caption and caption:
+    # QA-only sources store their first QA pair as the sample's text (`caption_kind: "qa"`); it is
+    # no description of the image, so it never becomes a describe-it example.
+    if include_caption and caption and meta.get("caption_kind", "caption") == "caption":
         sample_id = str(meta.get("id") or meta.get("key") or caption)
         examples.append(
             {"prompt": caption_prompt(sample_id, modalities), "answer": caption, "kind": "caption", "attribute": None}

@@ -16,7 +16,7 @@ exactly the batches the original would have yielded next, reading only what they
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class FeatureLoader:
         window_blocks: int = 8,
         prefetch_batches: int = 2,
         with_meta: bool = False,
+        transform: Callable[[dict], dict] | None = None,
     ) -> None:
         if batch_size <= 0 or block_size <= 0 or window_blocks <= 0:
             raise ValueError("batch_size, block_size and window_blocks must be positive")
@@ -76,6 +77,9 @@ class FeatureLoader:
         self.block_size, self.window_blocks = block_size, window_blocks
         self.prefetch_batches = prefetch_batches
         self.with_meta = with_meta  # the per-sample JSON, for tasks that need it (instruction data)
+        # Runs on each batch in the prefetch thread, so per-batch CPU work such as tokenisation
+        # overlaps the training step instead of adding to it.
+        self.transform = transform
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self._plans: dict[int, _Plan] = {}
@@ -199,7 +203,10 @@ class FeatureLoader:
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; afterwards the loader points at the next epoch."""
         epoch, first = self.epoch, self.batch
-        for batch in prefetch(self._batches(epoch, first), depth=self.prefetch_batches):
+        batches = self._batches(epoch, first)
+        if self.transform is not None:
+            batches = map(self.transform, batches)
+        for batch in prefetch(batches, depth=self.prefetch_batches):
             self.batch += 1
             yield batch
         self.epoch, self.batch = epoch + 1, 0

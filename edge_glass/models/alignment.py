@@ -28,6 +28,8 @@ class FeatureInfo:
     token_std: torch.Tensor
     pooled_mean: torch.Tensor
     pooled_std: torch.Tensor
+    max_tokens: int | None = None
+    """Longest token sequence of the split (the flat adapter's input length)."""
 
     @classmethod
     def from_manifest(cls, manifest: dict, modality: str) -> "FeatureInfo":
@@ -37,7 +39,8 @@ class FeatureInfo:
         def t(field: str, key: str) -> torch.Tensor:
             return torch.tensor(np.asarray(stats[f"{modality}.{field}"][key], dtype=np.float32))
 
-        return cls(t("tokens", "mean"), t("tokens", "std"), t("pooled", "mean"), t("pooled", "std"))
+        max_tokens = manifest.get("fields", {}).get(f"{modality}.tokens", {}).get("max_length")
+        return cls(t("tokens", "mean"), t("tokens", "std"), t("pooled", "mean"), t("pooled", "std"), max_tokens)
 
 
 def caption_ids(captions: list[str], device: torch.device) -> torch.Tensor:
@@ -55,7 +58,8 @@ class AlignmentModel(nn.Module):
         for m in model_cfg.adapters.enabled():
             info = features[m]
             self.adapters[m] = ModalityAdapter(
-                getattr(model_cfg.adapters, m), (info.token_mean, info.token_std), (info.pooled_mean, info.pooled_std), dim
+                getattr(model_cfg.adapters, m), (info.token_mean, info.token_std), (info.pooled_mean, info.pooled_std), dim,
+                info.max_tokens,
             )
         self.fusion = FUSIONS[model_cfg.fusion](dim) if model_cfg.fusion != "none" else None
         self.logit_scale = LogitScale(model_cfg.temperature_init, model_cfg.max_logit_scale, model_cfg.learn_temperature)

@@ -22,12 +22,20 @@ class AlignTask:
         self.modalities = cfg.model.adapters.enabled()
         features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in self.modalities}
         self.model = AlignmentModel(cfg.model, cfg.loss, features)
+        self.init_checkpoint = None
+        self.loader_options: dict = {}
+        self.logged_parts = ("logit_scale",)
+
+    def describe(self) -> str:
+        return f"contrastive pairs {', '.join(self.model.pairs)}"
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, parts, _ = engine(batch)
         return loss, parts
 
-    def evaluate(self, engine, split: FeatureSplit, rank: int, world_size: int) -> dict[str, float]:
+    def evaluate(self, engine, split: FeatureSplit, rank: int, world_size: int, samples_path=None,
+                 zero_stage: int = 0) -> dict[str, float]:
+        """Retrieval metrics on `split` (`samples_path` and `zero_stage` concern generation only)."""
         loader = FeatureLoader(
             split, self.cfg.data.eval_batch_size, modalities=self.modalities, shuffle=False, drop_last=False,
             rank=rank, world_size=world_size, block_size=self.cfg.data.read_block_size, prefetch_batches=1,

@@ -172,8 +172,6 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     _init_distributed()
     rank, world = D.rank(), D.world_size()
     run_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
-    if cfg.train.stage != "align":
-        raise UserError(f"train.stage: {cfg.train.stage!r} is not available yet; this build trains the align stage")
 
     train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
     val_split = open_store(cfg.data.features_dir, cfg.data.splits.val, cfg.data.store_format)
@@ -200,12 +198,12 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     D.barrier()
 
     torch.manual_seed(cfg.experiment.seed)  # identical initial weights on every rank
-    task = AlignTask(cfg, train_split)
+    task = _make_task(cfg, train_split, plan.meta.get("init_checkpoint"))
     model = task.model
     loader = FeatureLoader(
         train_split, cfg.data.micro_batch_size, modalities=task.modalities, seed=cfg.experiment.seed,
         rank=rank, world_size=world, block_size=cfg.data.read_block_size, window_blocks=cfg.data.shuffle_window_blocks,
-        prefetch_batches=cfg.data.prefetch_batches,
+        prefetch_batches=cfg.data.prefetch_batches, **task.loader_options,
     )
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
@@ -244,6 +242,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
         torch.manual_seed(cfg.experiment.seed + 1000 * rank)  # per-rank dropout streams
         log.truncate_after(0)  # a run killed before its first checkpoint starts its log afresh
         if rank == 0:
+            print(f"{cfg.train.stage} stage: {task.describe()}")
             parameter_table(model.parameter_table(), run_dir)
 
     meta_base = {
@@ -253,6 +252,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
         "zero_stage": stage,
         "world_size": world,
         "precision": precision,
+        "init_checkpoint": task.init_checkpoint,
     }
 
     def save(step: int) -> None:
@@ -262,7 +262,8 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
 
     def evaluate(step: int) -> bool:
         """Evaluate and track the best; True when this step is the new best (and must be saved)."""
-        metrics = task.evaluate(engine, val_split, rank, world)
+        metrics = task.evaluate(engine, val_split, rank, world, samples_path=run_dir / "samples" / f"step-{step:07d}.jsonl",
+                                zero_stage=stage)
         value = metrics[task.best_metric]
         improved = best["value"] is None or (value > best["value"] if task.higher_is_better else value < best["value"])
         if improved:
@@ -298,7 +299,8 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     step = engine.global_steps
                     bar.advance(1)
                     if step % cfg.train.log_interval == 0 or step == total_steps:
-                        record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used, parts, world, engine.device)
+                        record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used,
+                                             {k: v for k, v in parts.items() if k in task.logged_parts}, world, engine.device)
                         bar.update(description=f"train {cfg.experiment.name} · loss {record['loss']:.4f} · "
                                                f"lr {record['lr']:.2e} · {record['samples_per_s']:,.0f} samples/s · "
                                                f"data wait {100 * record['data_wait']:.0f}%")
@@ -341,8 +343,17 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
         "lr": lr,
         "samples_per_s": window["micro"] * samples_per_micro / elapsed,
         "data_wait": window["wait"] / elapsed,
-        **{k: float(v) for k, v in parts.items() if k == "logit_scale"},
+        **{k: float(v) for k, v in parts.items()},
     }
+
+
+def _make_task(cfg: Config, train_split, init_checkpoint: str | None):
+    """The stage's task; a resumed instruct run reuses the align checkpoint it started from."""
+    if cfg.train.stage == "align":
+        return AlignTask(cfg, train_split)
+    from edge_glass.training.instruct_task import InstructTask
+
+    return InstructTask(cfg, train_split, init_checkpoint)
 
 
 def _load_weights_only(model: torch.nn.Module, checkpoint: Path) -> None:
