@@ -7,8 +7,9 @@ unaligned in the same time). Without `init_from` the adapters start from random 
 allowed (it is the ablation) but said on rank 0.
 
 The align run must match: the same `model` section (the adapters are rebuilt from it and loaded
-by name) and the same feature store (the adapters were trained on those features, and their
-standardisation statistics come from its manifest). The checkpoint used is recorded in the
+by name) and features of the same encoders (the store fingerprint). The stores themselves may
+differ, as LLaVA aligns on captions and tunes on instructions: the adapters' standardisation
+statistics are then the align store's, the ones they were trained with. The checkpoint used is recorded in the
 instruct run's checkpoints, so a resume loads the same adapters even if the align run has since
 moved on.
 """
@@ -22,7 +23,7 @@ import torch
 
 from edge_glass.config import Config, config_to_dict, load_config
 from edge_glass.features.loader import FeatureLoader
-from edge_glass.features.manifest import differences
+from edge_glass.features.manifest import differences, load_manifest
 from edge_glass.features.store import FeatureSplit
 from edge_glass.models.alignment import FeatureInfo
 from edge_glass.training import checkpoint as ckpt
@@ -36,12 +37,24 @@ from edge_glass.utils.io import write_text_atomic
 
 
 def build_instruct_model(cfg: Config, manifest: dict, init_checkpoint: str | None) -> InstructModel:
-    """The instruct model with the aligned adapters of `init_checkpoint` (None: random adapters)."""
-    features = {m: FeatureInfo.from_manifest(manifest, m) for m in cfg.model.adapters.enabled()}
+    """The instruct model with the aligned adapters of `init_checkpoint` (None: random adapters).
+
+    `manifest` is the instruct store's train manifest. With an align checkpoint, the adapters'
+    standardisation statistics come from the store the align run trained on (an align run on
+    captions and an instruct run on QA may use two stores of the same encoders): the adapters'
+    weights only make sense with the statistics they were trained with.
+    """
+    stats_manifest = manifest if init_checkpoint is None else _align_manifest(Path(init_checkpoint))
+    features = {m: FeatureInfo.from_manifest(stats_manifest, m) for m in cfg.model.adapters.enabled()}
     model = InstructModel(cfg, features)
     if init_checkpoint is not None:
         _load_adapters(model, Path(init_checkpoint), manifest["fingerprint"])
     return model
+
+
+def _align_manifest(checkpoint: Path) -> dict:
+    align_cfg = ckpt.read_meta(checkpoint)["config"]
+    return load_manifest(align_cfg["data"]["features_dir"], align_cfg["data"]["splits"]["train"])
 
 
 def resolve_init_checkpoint(cfg: Config) -> str | None:
@@ -67,8 +80,8 @@ def _load_adapters(model: InstructModel, checkpoint: Path, store_fingerprint: st
     meta = ckpt.read_meta(checkpoint)
     if meta["store_fingerprint"] != store_fingerprint:
         raise UserError(
-            f"train.init_from: {checkpoint} was trained on another feature store (fingerprint {meta['store_fingerprint']}, "
-            f"this store {store_fingerprint}); align on this store, or point data.features_dir at that one"
+            f"train.init_from: {checkpoint} was trained on features of other encoders (store fingerprint "
+            f"{meta['store_fingerprint']}, this store {store_fingerprint}); extract both stores with the same encoders"
         )
     state = {k: v for k, v in fp32_state_dict(checkpoint).items() if k.startswith("adapters.")}
     needed = [n for n, _ in model.align.named_parameters() if any(n.startswith(f"adapters.{m}.") for m in model.prefix_modalities)]
@@ -130,7 +143,11 @@ def load_instruct_model(run_dir: str | Path, which: str = "best") -> tuple[Confi
     # The frozen parts are rebuilt as the run built them: the base decoder from its id, the
     # adapters from the align checkpoint the run started from.
     model = build_instruct_model(cfg, train_split.manifest, ckpt.read_meta(checkpoint).get("init_checkpoint"))
-    missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
+    except RuntimeError as e:  # shape mismatches: the code's defaults changed since the run
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"{checkpoint}: weights do not fit the run's model ({detail})") from None
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = [k for k in missing if k in trainable]
     if unexpected or missing:
