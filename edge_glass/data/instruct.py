@@ -88,7 +88,7 @@ def examples_from_meta(
     caption = (caption or "").strip()
     # QA-only sources store their first QA pair as the sample's text (`caption_kind: "qa"`); it is
     # no description of the image, so it never becomes a describe-it example.
-    if include_caption and caption and meta.get("caption_kind", "caption") == "caption":
+    if include_caption and caption and meta.get("caption_kind") != "qa":
         sample_id = str(meta.get("id") or meta.get("key") or caption)
         examples.append(
             {"prompt": caption_prompt(sample_id, modalities), "answer": caption, "kind": "caption", "attribute": None}

@@ -50,6 +50,8 @@ def instruct_metrics(
         if limit is not None and seen + len(batch["keys"]) > limit:
             batch = _first_samples(batch, limit - seen)
         seen += len(batch["keys"])
+        if len(batch["example_sample"]) == 0:
+            continue  # the cut kept only samples without an example of the configured kinds
         prefix = model.prefix(batch)[batch["example_sample"]]
         if model.kind == "qwen":
             loss_sum, tokens = _qwen_loss(model, prefix, batch)

@@ -57,6 +57,10 @@ class InstructModel(nn.Module):
         for name, p in self.align.named_parameters():
             in_prefix = any(name.startswith(f"adapters.{m}.") for m in self.prefix_modalities)
             p.requires_grad_(in_prefix and not self.adapters_frozen)
+        # Modules are built in training mode; apply the frozen-adapter rule from the start, not
+        # from the first mode switch (which would make the first steps of a fresh run and of a
+        # resumed one differ).
+        self.train()
 
     @property
     def tokenizer(self):

@@ -277,6 +277,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     samples_per_micro = cfg.data.micro_batch_size * world
     window = {"loss": 0.0, "micro": 0, "wait": 0.0, "t0": time.perf_counter()}
     last_saved = step if plan.checkpoint is not None else -1
+    engine.train()
     try:
         with progress_bar(f"train {cfg.experiment.name}", total_steps, unit="steps", enabled=rank == 0) as bar:
             bar.advance(step)
