@@ -12,6 +12,7 @@ silently dropped: a key that is accepted is a key that is used.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -486,6 +487,33 @@ class EvalConfig:
 
 
 @dataclass
+class SweepVariant:
+    name: str
+    """Variant name; its run is `<output_dir>/<experiment.name>-<name>`."""
+    set: list[str] = field(default_factory=list)
+    """`KEY=VALUE` overrides (as `--set` takes them) that make this variant from the base config."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{{path}}.name: use letters, digits, '-', '_' or '.', got {self.name!r}")
+        for item in self.set:
+            if "=" not in item or item.split("=", 1)[0].strip().startswith(("sweep", "experiment.name")):
+                raise ConfigError(f"{{path}}.set: {item!r} must be KEY=VALUE and may not change sweep or experiment.name")
+
+
+@dataclass
+class SweepConfig:
+    variants: list[SweepVariant]
+    """Runs of the ablation: each is this config with its overrides; `scripts/sweep.py` trains
+    them in turn and reports them as one table."""
+
+    def __post_init__(self) -> None:
+        names = [v.name for v in self.variants]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"{{path}}.variants: need at least two variants with distinct names, got {names}")
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig
     """Name, seed and output directory of the run."""
@@ -505,6 +533,8 @@ class Config:
     """Optimizer and learning-rate schedule."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
+    sweep: SweepConfig | None = None
+    """An ablation over variants of this config, run by `scripts/sweep.py` (train.py refuses it)."""
 
     def __post_init__(self) -> None:
         # Cross-section rules: each names the field a user has to change.
@@ -526,6 +556,19 @@ class Config:
             raise ConfigError("loss.pairs: train.stage is 'align', which needs at least one pair with a non-zero weight")
         if self.train.stage == "instruct":
             self._check_instruct()
+        if self.sweep is not None:
+            self._check_sweep()
+
+    def _check_sweep(self) -> None:
+        # Every variant must be a valid config on its own, so a typo in one fails at load time,
+        # not hours into the sweep.
+        base = config_to_dict(self)
+        base["sweep"] = None
+        for i, variant in enumerate(self.sweep.variants):
+            try:
+                config_from_dict(apply_overrides(copy.deepcopy(base), variant.set))
+            except ConfigError as e:
+                raise ConfigError(f"sweep.variants[{i}] ({variant.name}): {e}") from None
 
     def _check_instruct(self) -> None:
         if self.decoder.kind == "none":

@@ -15,6 +15,7 @@ import os
 
 from edge_glass.config import check_files, load_config
 from edge_glass.utils.cli import add_config_args, run_main
+from edge_glass.utils.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
     cfg = load_config(args.config, overrides)
+    if cfg.sweep is not None:
+        raise UserError(f"{args.config} is a sweep of {len(cfg.sweep.variants)} variants; run it with "
+                        f"python scripts/sweep.py --config {args.config}")
     check_files(cfg)
 
     from edge_glass.training.trainer import train  # heavy imports after the config is known to be good

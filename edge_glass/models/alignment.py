@@ -64,6 +64,9 @@ class AlignmentModel(nn.Module):
         self.fusion = FUSIONS[model_cfg.fusion](dim) if model_cfg.fusion != "none" else None
         self.logit_scale = LogitScale(model_cfg.temperature_init, model_cfg.max_logit_scale, model_cfg.learn_temperature)
         self.dims = model_cfg.nested_dims() if loss_cfg.mrl else [dim]
+        # Evaluation always measures every prefix, so a model trained without MRL shows what
+        # truncating an ordinary embedding costs (the MRL ablation's baseline).
+        self.eval_dims = model_cfg.nested_dims()
         weights = model_cfg.mrl_weights if (loss_cfg.mrl and model_cfg.mrl_weights) else [1.0] * len(self.dims)
         self.dim_weights = dict(zip(self.dims, weights))
         self.pairs = loss_cfg.pairs.active()

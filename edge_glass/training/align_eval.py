@@ -35,7 +35,7 @@ def alignment_metrics(model: AlignmentModel, batches, ks: list[int], chunk_size:
     out = {}
     for pair in model.pairs:
         a, b = pair.split("_")
-        for d in model.dims:
+        for d in model.eval_dims:
             metrics = retrieval_metrics(emb[a][:, :d], emb[b][:, :d], ks, chunk_size, ids, names=(a, b))
             out.update({f"{pair}@{d}/{k}": v for k, v in metrics.items()})
     return out
