@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     table = evaluate_sweep(cfg, args.split)
     split = args.split or cfg.data.splits.test or cfg.data.splits.val
     for variant in dict.fromkeys(r["variant"] for r in table):
-        print_table([r for r in table if r["variant"] == variant], f"{cfg.experiment.name} · {variant} · {split}")
+        mine = [{k: v for k, v in r.items() if k not in ("variant", "checkpoint")} for r in table if r["variant"] == variant]
+        print_table(mine, f"{cfg.experiment.name} · {variant} · {split}")
     for path in write_sweep_report(cfg, table, split):
         print(f"wrote {path}")
     return 0
