@@ -28,6 +28,7 @@ from edge_glass.features.store import check_store_matches, open_store
 from edge_glass.training import checkpoint as ckpt
 from edge_glass.training.align_task import AlignTask, to_device
 from edge_glass.training.ds_config import build_ds_config, resolve_precision, zero_stage
+from edge_glass.training.flops import count_flops, mfu, peak_flops
 from edge_glass.training.run_log import MetricsLog, parameter_table
 from edge_glass.training.schedule import lr_factor
 from edge_glass.utils import distributed as D
@@ -278,6 +279,8 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     window = {"loss": 0.0, "micro": 0, "wait": 0.0, "t0": time.perf_counter()}
     last_saved = step if plan.checkpoint is not None else -1
     engine.train()
+    peak = peak_flops(engine.device, _compute_dtype(precision))
+    flops: dict = {"per_micro": None}
     try:
         with progress_bar(f"train {cfg.experiment.name}", total_steps, unit="steps", enabled=rank == 0) as bar:
             bar.advance(step)
@@ -289,9 +292,17 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     window["wait"] += time.perf_counter() - t_wait
                     if batch is None:
                         break  # end of epoch; the loader now points at the next one
-                    loss, parts = task.loss(engine, to_device(batch, engine.device))
+                    batch = to_device(batch, engine.device)
+                    if peak is not None and flops["per_micro"] is None:
+                        # The first micro-step runs under FLOP counting (its own forward and
+                        # backward, no extra work): the FLOPs of later micro-batches of the
+                        # same shape, for MFU. Only on GPUs with a known peak.
+                        out = {}
+                        flops["per_micro"] = count_flops(lambda: _forward_backward(task, engine, batch, out))
+                        loss, parts = out["loss"], out["parts"]
+                    else:
+                        loss, parts = _forward_backward(task, engine, batch)
                     lr_used = float(scheduler.get_last_lr()[0])  # the rate this step trains with
-                    engine.backward(loss)
                     engine.step()
                     window["loss"] = window["loss"] + loss.detach()  # no device sync until a logged step
                     window["micro"] += 1
@@ -302,9 +313,14 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     if step % cfg.train.log_interval == 0 or step == total_steps:
                         record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used,
                                              {k: v for k, v in parts.items() if k in task.logged_parts}, world, engine.device)
+                        utilisation = mfu(flops["per_micro"] * window["micro"], record["elapsed"], peak) if flops["per_micro"] else None
+                        if utilisation is not None:
+                            record["mfu"] = utilisation
+                        record.pop("elapsed")
                         bar.update(description=f"train {cfg.experiment.name} · loss {record['loss']:.4f} · "
                                                f"lr {record['lr']:.2e} · {record['samples_per_s']:,.0f} samples/s · "
-                                               f"data wait {100 * record['data_wait']:.0f}%")
+                                               f"data wait {100 * record['data_wait']:.0f}%"
+                                               + (f" · MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
                         log.write(record)
                         window.update(loss=0.0, micro=0, wait=0.0, t0=time.perf_counter())
                     stopping = stop.agreed(engine.device)
@@ -338,6 +354,7 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
         loss /= world
     return {
         "kind": "train",
+        "elapsed": elapsed,
         "step": step,
         "epoch": epoch,
         "loss": float(loss.item()),
@@ -346,6 +363,18 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
         "data_wait": window["wait"] / elapsed,
         **{k: float(v) for k, v in parts.items()},
     }
+
+
+def _forward_backward(task, engine, batch: dict, out: dict | None = None):
+    loss, parts = task.loss(engine, batch)
+    engine.backward(loss)
+    if out is not None:
+        out.update(loss=loss, parts=parts)
+    return loss, parts
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def _make_task(cfg: Config, train_split, init_checkpoint: str | None):
