@@ -227,8 +227,11 @@ def align(ctx: Context) -> dict:
             "train_samples_per_s": len(steady) / sum(weights),
             "data_wait": sum(w * r["data_wait"] for w, r in zip(weights, steady)) / sum(weights),
             "train_wall_s": train_wall,
+            # The trainer's own MFU (first micro-step FLOP-counted), on GPUs with a known peak.
+            **({"train_mfu": sum(w * r["mfu"] for w, r in zip(weights, steady)) / sum(weights)}
+               if all("mfu" in r for r in steady) else {}),
         },
-        "windows": [{k: r[k] for k in ("step", "samples_per_s", "data_wait")} for r in windows],
+        "windows": [{k: r[k] for k in ("step", "samples_per_s", "data_wait", "mfu") if k in r} for r in windows],
     }
 
 
@@ -327,6 +330,7 @@ TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
         ("extract_samples_per_s", "`extract_store` end to end, 3 encoders", "{:,.1f} samples/s"),
         ("train_samples_per_s", "training, `scripts/train.py` (DeepSpeed ZeRO-2)", "{:,.1f} samples/s"),
         ("data_wait", "training time spent waiting for data", "{:.1%}"),
+        ("train_mfu", "training MFU (the trainer's own, in metrics.jsonl)", "{:.1%}"),
     ]),
     "instruct": ("(iii) instruct stage", [
         ("ms_per_step", "step (forward, backward, AdamW)", "{:,.1f} ms"),

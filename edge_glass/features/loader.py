@@ -63,6 +63,7 @@ class FeatureLoader:
         prefetch_batches: int = 2,
         with_meta: bool = False,
         transform: Callable[[dict], dict] | None = None,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0 or block_size <= 0 or window_blocks <= 0:
             raise ValueError("batch_size, block_size and window_blocks must be positive")
@@ -80,6 +81,9 @@ class FeatureLoader:
         # Runs on each batch in the prefetch thread, so per-batch CPU work such as tokenisation
         # overlaps the training step instead of adding to it.
         self.transform = transform
+        # Page-locked batches (made in the prefetch thread) let the trainer's non_blocking copy
+        # to the GPU overlap compute; from pageable memory the copy is synchronous.
+        self.pin_memory = pin_memory
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self._plans: dict[int, _Plan] = {}
@@ -206,10 +210,23 @@ class FeatureLoader:
         batches = self._batches(epoch, first)
         if self.transform is not None:
             batches = map(self.transform, batches)
+        if self.pin_memory:
+            batches = map(pin_batch, batches)
         for batch in prefetch(batches, depth=self.prefetch_batches):
             self.batch += 1
             yield batch
         self.epoch, self.batch = epoch + 1, 0
+
+
+def pin_batch(batch: dict) -> dict:
+    """The batch with every tensor (nested one level) in page-locked memory."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv.pin_memory() if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v.pin_memory() if isinstance(v, torch.Tensor) else v
+    return out
 
 
 def gather(blocks: dict[int, FeatureBlock], which: np.ndarray, rows: np.ndarray, modalities: list[str]) -> dict:

@@ -204,7 +204,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     loader = FeatureLoader(
         train_split, cfg.data.micro_batch_size, modalities=task.modalities, seed=cfg.experiment.seed,
         rank=rank, world_size=world, block_size=cfg.data.read_block_size, window_blocks=cfg.data.shuffle_window_blocks,
-        prefetch_batches=cfg.data.prefetch_batches, **task.loader_options,
+        prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda", **task.loader_options,
     )
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
