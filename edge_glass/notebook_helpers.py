@@ -129,21 +129,22 @@ def load_align_run(config: str | os.PathLike | Config, which: str = "best", devi
     """(config, alignment model in eval mode on `device`, checkpoint) of the run `config` trains."""
     from edge_glass.training.run_loading import load_alignment_model
 
-    given = as_config(config)
-    run = _existing_run(config, given)
-    with _quiet():
-        cfg, model, checkpoint = load_alignment_model(run, which)
-    return cfg, model.to(device or default_device()), checkpoint
+    return _load_run(load_alignment_model, config, which, device)
 
 
 def load_instruct_run(config: str | os.PathLike | Config, which: str = "best", device: str | torch.device | None = None):
     """(config, instruct model in eval mode on `device`, checkpoint) of the run `config` trains."""
     from edge_glass.training.instruct_task import load_instruct_model
 
-    given = as_config(config)
-    run = _existing_run(config, given)
+    return _load_run(load_instruct_model, config, which, device)
+
+
+def _load_run(load, config, which: str, device):
+    """`load(run_dir, which)` -> (cfg, model, checkpoint) for the run `config` trains, quietly,
+    with the model moved to `device`."""
+    run = _existing_run(config, as_config(config))
     with _quiet():
-        cfg, model, checkpoint = load_instruct_model(run, which)
+        cfg, model, checkpoint = load(run, which)
     return cfg, model.to(device or default_device()), checkpoint
 
 
@@ -445,24 +446,11 @@ def plot_training_curves(runs: dict[str, list[dict]] | list[dict], keys: Sequenc
 
 
 def plot_recall_vs_dim(rs: list[dict], metric: str = "R@1", title: str | None = None):
-    """`metric` against MRL prefix dim, one line per retrieval direction (`report.rows` rows)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rs:
-        series.setdefault(r["direction"].replace("->", " -> "), []).append((r["dim"], r[metric]))
-    for name, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("embedding dim (MRL prefix)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    """`metric` against MRL prefix dim, one line per retrieval direction (`report.rows` rows):
+    the same plot the eval script writes next to its report."""
+    from edge_glass.training.report import plot_recall_vs_dim as plot
+
+    return plot(rs, metric=metric, title=title)
 
 
 def distinct_rows(captions: Sequence[str], n: int) -> list[int]:

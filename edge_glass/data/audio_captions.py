@@ -33,22 +33,13 @@ from edge_glass.data.hf_rows import (
     DEFAULT_SAMPLE_RATE,
     Candidate,
     CandidateSource,
-    assign,
-    check_count,
-    check_fractions,
-    choose,
     column,
     decode_audio,
-    describe_location,
     group_rows,
-    load_table,
     media_bytes,
-    require_columns,
     text,
     undecoded,
-    warn_short,
 )
-from edge_glass.utils.errors import UserError
 
 AUDIOCAPS = "jp1924/AudioCaps"
 _CLOTHO_CAPTIONS = tuple(f"caption_{i}" for i in range(1, 6))
@@ -95,34 +86,13 @@ class AudioCapsSource(CandidateSource):
         sample_rate: int = DEFAULT_SAMPLE_RATE,
         fetch: FetchPolicy | None = None,
     ) -> None:
-        super().__init__(fetch)
-        self.num_samples = check_count("num_samples", num_samples)
-        self.seed = check_count("seed", seed, 0)
-        self.fractions = check_fractions(fractions)
-        self.sample_rate = check_count("sample_rate", sample_rate, 0)
-        if 0 < self.sample_rate < 1000:
-            raise UserError(f"--sample_rate must be 0 (keep) or at least 1000 Hz, got {sample_rate}")
-        self.hf_split = hf_split
-        self.location = describe_location(AUDIOCAPS, hf_path)
-        what = f"audio-caption set ({self.location})"
-        table = load_table(AUDIOCAPS, local=hf_path, split=hf_split, what="audio-caption set")
-        require_columns(table, ["audio"], what, any_of=(("caption", "captions", *_CLOTHO_CAPTIONS),))
+        super().__init__(num_samples, seed, fractions, fetch, sample_rate=sample_rate)
+        table = self.load_hub_table(AUDIOCAPS, hf_path, hf_split, "audio-caption set", ["audio"],
+                                    any_of=(("caption", "captions", *_CLOTHO_CAPTIONS),))
         self.table = undecoded(table, "audio")
         groups, rows = group_rows(_clip_ids(self.table))
-        warn_short(what, num_samples, len(groups))
-        chosen = choose(len(groups), num_samples, self.seed)
-        self._candidates = assign([(groups[g], {"rows": rows[g]}) for g in chosen], self.seed, self.fractions)
-
-    def params(self) -> dict:
-        return {
-            "hf_dataset": self.location,
-            "hf_split": self.hf_split,
-            "hf_rows": len(self.table),
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "split_fractions": list(self.fractions),
-            "sample_rate": self.sample_rate,
-        }
+        chosen = self.pick(len(groups), f"audio-caption set ({self.location})")
+        self.set_candidates([(groups[g], {"rows": rows[g]}) for g in chosen])
 
     def realize(self, c: Candidate) -> RawSample:
         rows = [self.row(self.table, r) for r in c.data["rows"]]
@@ -138,21 +108,5 @@ class AudioCapsSource(CandidateSource):
             audio, rate = decode_audio(data, self.sample_rate, f"clip {c.group}")
         first = rows[0]
         extra = {k: first[k] for k in ("audiocap_id", "youtube_id", "start_time") if k in first}
-        return {
-            "key": c.key,
-            "image": None,
-            "audio": audio,
-            "sample_rate": rate,
-            "caption": captions[0],
-            "json": {
-                "source": self.name,
-                "id": c.key,
-                "split": c.split,
-                "clip": c.group,
-                "hf_rows": c.data["rows"],
-                "captions": captions,
-                "caption_kind": "caption",
-                "audio_seconds": round(audio.shape[0] / rate, 3),
-                **extra,
-            },
-        }
+        meta = {"clip": c.group, "hf_rows": c.data["rows"], "captions": captions, "caption_kind": "caption", **extra}
+        return self.sample(c, captions[0], meta, audio=(audio, rate))

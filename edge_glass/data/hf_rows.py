@@ -20,6 +20,10 @@ What every real source (PixMo, AudioCaps, Localized Narratives) shares:
   short side; audio must decode with libsndfile and be non-empty. Failures become
   `SkippedSample`s with a reason, which the shard writer counts.
 
+`CandidateSource` does all of this for a source (and checks the common options, records them for
+dataset.json and lays out the samples), so each source file holds only what is its own: its
+tables and columns, how rows group, and how a row becomes a sample.
+
 The skip reasons, as skipped.json and the run's summary count them:
 
     bad_url, http_error, timeout, network, too_large    the download (see http_fetch.py)
@@ -189,6 +193,15 @@ def check_count(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def check_sample_rate(value: int) -> int:
+    """A target rate for decoded audio: 0 keeps each file's own rate; a few hundred Hz would be a
+    typo (kHz for Hz), not a choice, so anything under 1000 is refused."""
+    rate = check_count("sample_rate", value, 0)
+    if 0 < rate < 1000:
+        raise UserError(f"--sample_rate must be 0 (keep) or at least 1000 Hz, got {value}")
+    return rate
+
+
 def split_of(group: str, seed: int, fractions: Sequence[float]) -> str:
     """The split of a group: a uniform draw from sha256(seed, group) against the cumulative fractions."""
     digest = hashlib.sha256(f"{seed}\0{group}".encode("utf-8")).digest()
@@ -221,9 +234,13 @@ def shuffled(items: list, seed: int, split: str) -> list:
     return [items[i] for i in order.tolist()]
 
 
-def warn_short(what: str, wanted: int, have: int) -> None:
+def warn_short(what: str, wanted: int, have: int, stacklevel: int = 3) -> None:
+    """Say that a table gives fewer groups than asked for (the default `stacklevel` points at
+    the caller of the function that calls this, i.e. the code that built the source)."""
     if have < wanted:
-        warnings.warn(f"{what} has only {have} usable groups; taking all of them instead of {wanted}", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{what} has only {have} usable groups; taking all of them instead of {wanted}", UserWarning, stacklevel=stacklevel
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,20 +278,92 @@ def assign(items: list[tuple[str, dict]], seed: int, fractions: Sequence[float])
 
 
 class CandidateSource:
-    """Base of the fetching sources: holds the candidates per split and the fetch policy.
+    """Base of the fetching sources: the choice of candidates, the fetch policy, and what
+    dataset.json records about both.
 
-    Subclasses set `name`, `modalities`, fill `self._candidates` in `__init__` and implement
-    `params()` and `realize(candidate)`.
+    The real sources differ only in where their rows come from and how a row becomes a sample;
+    the rest lives here, so that they check their options with the same messages, choose and
+    split groups the same way, record their parameters the same way and build samples of the
+    same layout. A subclass sets `name` and `modalities`; its `__init__` keeps its own signature
+    (the registry offers a source the options its signature names), passes the common options on
+    (`min_image_side` / `sample_rate` only for the media it has), loads its rows (`load_hub_table`
+    for one hub table) and fills the candidates with `set_candidates` over `pick`ed groups; and
+    it implements `realize(candidate)`, usually ending in `sample(...)`, plus `origin()` unless
+    it reads that one hub table.
     """
 
     name = "?"
     modalities: tuple[str, ...] = ("image", "text")
 
-    def __init__(self, fetch_policy: FetchPolicy | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        fractions: Sequence[float],
+        fetch_policy: FetchPolicy | None = None,
+        *,
+        min_image_side: int | None = None,
+        sample_rate: int | None = None,
+    ) -> None:
         self.fetch_policy = fetch_policy or FetchPolicy()
         self.fetch_stats = FetchStats()
         self._candidates: dict[str, list[Candidate]] = {s: [] for s in SPLITS}
         self._table_lock = threading.Lock()
+        self.num_samples = check_count("num_samples", num_samples)
+        self.seed = check_count("seed", seed, 0)
+        self.fractions = check_fractions(fractions)
+        # A media setting is a parameter only of a source with that medium: an image-only set's
+        # dataset.json has no sample_rate, so it cannot refuse a resume over one.
+        self._media_params: dict[str, int] = {}
+        if min_image_side is not None:
+            self.min_image_side = self._media_params["min_image_side"] = check_count("min_image_side", min_image_side)
+        if sample_rate is not None:
+            self.sample_rate = self._media_params["sample_rate"] = check_sample_rate(sample_rate)
+
+    # Choosing the rows -------------------------------------------------------------------------
+
+    def load_hub_table(self, hub_id: str, hf_path: str | None, hf_split: str, what: str,
+                       columns: Sequence[str], any_of: Sequence[Sequence[str]] = ()):
+        """`self.table`: split `hf_split` of `hub_id` (or of its local copy at `hf_path`), refused
+        without `columns`; also records where it came from, for `origin`."""
+        self.hf_split = hf_split
+        self.location = describe_location(hub_id, hf_path)
+        self.table = load_table(hub_id, local=hf_path, split=hf_split, what=what)
+        require_columns(self.table, columns, f"{what} ({self.location})", any_of)
+        return self.table
+
+    def pick(self, n_groups: int, what: str, num: int | None = None, stream: int = 0) -> list[int]:
+        """`num` (default `num_samples`) of `n_groups` group indices, chosen with this source's
+        seed (see `choose`); a warning names `what` when it has fewer groups than that."""
+        num = self.num_samples if num is None else num
+        warn_short(what, num, n_groups, stacklevel=4)  # at the code that built the source
+        return choose(n_groups, num, self.seed, stream)
+
+    def set_candidates(self, items: list[tuple[str, dict]]) -> None:
+        """The chosen (group, data) pairs become the candidates, split by group (see `assign`)."""
+        self._candidates = assign(items, self.seed, self.fractions)
+
+    # What dataset.json records ---------------------------------------------------------------
+
+    def params(self) -> dict:
+        """Where the rows came from, how they were chosen and split, and the media settings.
+        (The keys keep the order each source has always written, so dataset.json is unchanged.)"""
+        return {
+            **self.origin(),
+            "num_samples": self.num_samples,
+            **self.choice_params(),
+            "seed": self.seed,
+            "split_fractions": list(self.fractions),
+            **self._media_params,
+        }
+
+    def origin(self) -> dict:
+        """Where the rows came from: here, the one table `load_hub_table` loaded."""
+        return {"hf_dataset": self.location, "hf_split": self.hf_split, "hf_rows": len(self.table)}
+
+    def choice_params(self) -> dict:
+        """Options of the choice beyond num_samples and seed (pixmo_qa's per-subset caps)."""
+        return {}
 
     @property
     def fetch_workers(self) -> int:
@@ -296,6 +385,29 @@ class CandidateSource:
 
     def realize(self, candidate: Candidate) -> RawSample:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def sample(
+        self,
+        c: Candidate,
+        caption: str,
+        meta: dict,
+        *,
+        image: VerifiedImage | None = None,
+        audio: tuple[np.ndarray, int] | None = None,
+    ) -> RawSample:
+        """Candidate `c` as a `RawSample`: the verified image kept as its own bytes, and the json
+        fields every source records (source, id, split, the image's size and format, the audio's
+        length) under the source's own `meta`."""
+        out: dict[str, Any] = {"key": c.key, "image": None, "audio": None, "sample_rate": None, "caption": caption}
+        info: dict[str, Any] = {"source": self.name, "id": c.key, "split": c.split}
+        if image is not None:
+            out.update(image_bytes=image.data, image_format=image.format)
+            info.update(image_size=list(image.size), image_format=image.format)
+        if audio is not None:
+            out["audio"], out["sample_rate"] = audio
+            info["audio_seconds"] = round(audio[0].shape[0] / audio[1], 3)
+        out["json"] = {**info, **meta}
+        return out  # type: ignore[return-value]
 
     # Helpers for subclasses ------------------------------------------------------------------
 

@@ -55,10 +55,6 @@ from edge_glass.data.hf_rows import (
     DEFAULT_SAMPLE_RATE,
     Candidate,
     CandidateSource,
-    assign,
-    check_count,
-    check_fractions,
-    choose,
     column,
     decode_audio,
     describe_location,
@@ -66,7 +62,6 @@ from edge_glass.data.hf_rows import (
     require_columns,
     text,
     verify_image,
-    warn_short,
 )
 from edge_glass.utils.errors import UserError
 
@@ -109,14 +104,7 @@ class LocalizedNarrativesSource(CandidateSource):
         sample_rate: int = DEFAULT_SAMPLE_RATE,
         fetch: FetchPolicy | None = None,
     ) -> None:
-        super().__init__(fetch)
-        self.num_samples = check_count("num_samples", num_samples)
-        self.seed = check_count("seed", seed, 0)
-        self.fractions = check_fractions(fractions)
-        self.min_image_side = check_count("min_image_side", min_image_side)
-        self.sample_rate = check_count("sample_rate", sample_rate, 0)
-        if 0 < self.sample_rate < 1000:
-            raise UserError(f"--sample_rate must be 0 (keep) or at least 1000 Hz, got {sample_rate}")
+        super().__init__(num_samples, seed, fractions, fetch, min_image_side=min_image_side, sample_rate=sample_rate)
         what = "Localized Narratives annotations"
         if hf_path is None or hf_path.startswith(("http://", "https://")):
             urls = [u.strip() for u in (hf_path or ANNOTATIONS).split(",") if u.strip()]
@@ -127,10 +115,11 @@ class LocalizedNarrativesSource(CandidateSource):
             self.location = describe_location("", hf_path)
             self.table = load_table("json", local=hf_path, what=what, loose=True)
         require_columns(self.table, ["dataset_id", "image_id", "caption", "voice_recording"], f"{what} ({self.location})")
+        # One sample per narrative (row), split by its image: several narratives of one image
+        # are separate samples, but always in the same split.
         groups = [f"{d}/{i}" for d, i in zip(column(self.table, "dataset_id"), column(self.table, "image_id"))]
-        warn_short(f"{what} ({self.location})", num_samples, len(groups))
-        chosen = choose(len(groups), num_samples, self.seed)
-        self._candidates = assign([(groups[r], {"row": r}) for r in chosen], self.seed, self.fractions)
+        chosen = self.pick(len(groups), f"{what} ({self.location})")
+        self.set_candidates([(groups[r], {"row": r}) for r in chosen])
 
     def _annotation_file(self, url: str) -> Path:
         """The annotation file at `url`, downloaded once into the datasets cache."""
@@ -148,16 +137,8 @@ class LocalizedNarrativesSource(CandidateSource):
                 ) from None
         return path
 
-    def params(self) -> dict:
-        return {
-            "annotations": self.location,
-            "hf_rows": len(self.table),
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "split_fractions": list(self.fractions),
-            "min_image_side": self.min_image_side,
-            "sample_rate": self.sample_rate,
-        }
+    def origin(self) -> dict:
+        return {"annotations": self.location, "hf_rows": len(self.table)}
 
     def realize(self, c: Candidate) -> RawSample:
         index = c.data["row"]
@@ -176,28 +157,14 @@ class LocalizedNarrativesSource(CandidateSource):
         with self.skip_info(**info, url=voice_url):
             audio, rate = decode_audio(self.get(voice_url, "voice recording"), self.sample_rate, f"voice {voice_url}")
         timed = row.get("timed_caption")
-        return {
-            "key": c.key,
-            "image": None,
-            "image_bytes": img.data,
-            "image_format": img.format,
-            "audio": audio,
-            "sample_rate": rate,
-            "caption": caption,
-            "json": {
-                "source": self.name,
-                "id": c.key,
-                "split": c.split,
-                "hf_row": index,
-                "dataset_id": text(row.get("dataset_id")),
-                "image_id": str(row.get("image_id")),
-                "annotator_id": row.get("annotator_id"),
-                "image_url": url,
-                "voice_url": voice_url,
-                "caption_kind": "transcription",
-                "audio_seconds": round(audio.shape[0] / rate, 3),
-                "image_size": list(img.size),
-                "image_format": img.format,
-                **({"timed_caption": timed} if isinstance(timed, list) else {}),
-            },
+        meta = {
+            "hf_row": index,
+            "dataset_id": text(row.get("dataset_id")),
+            "image_id": str(row.get("image_id")),
+            "annotator_id": row.get("annotator_id"),
+            "image_url": url,
+            "voice_url": voice_url,
+            "caption_kind": "transcription",
+            **({"timed_caption": timed} if isinstance(timed, list) else {}),
         }
+        return self.sample(c, caption, meta, image=img, audio=(audio, rate))

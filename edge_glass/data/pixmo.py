@@ -57,10 +57,6 @@ from edge_glass.data.hf_rows import (
     DEFAULT_MIN_IMAGE_SIDE,
     Candidate,
     CandidateSource,
-    assign,
-    check_count,
-    check_fractions,
-    choose,
     column,
     describe_location,
     group_rows,
@@ -70,15 +66,10 @@ from edge_glass.data.hf_rows import (
     text,
     undecoded,
     verify_image,
-    warn_short,
 )
 from edge_glass.utils.errors import UserError
 
 PIXMO_CAP = "allenai/pixmo-cap"
-
-
-def _image_json(img) -> dict:
-    return {"image_size": list(img.size), "image_format": img.format}
 
 
 def _check_sha(data: bytes, expected: Any, url: str) -> None:
@@ -107,31 +98,12 @@ class PixmoCapSource(CandidateSource):
         min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
         fetch: FetchPolicy | None = None,
     ) -> None:
-        super().__init__(fetch)
-        self.num_samples = check_count("num_samples", num_samples)
-        self.seed = check_count("seed", seed, 0)
-        self.fractions = check_fractions(fractions)
-        self.min_image_side = check_count("min_image_side", min_image_side)
-        self.hf_split = hf_split
-        self.location = describe_location(PIXMO_CAP, hf_path)
-        self.table = load_table(PIXMO_CAP, local=hf_path, split=hf_split, what="PixMo-Cap")
-        require_columns(self.table, ["image_url", "caption"], f"PixMo-Cap ({self.location})")
+        super().__init__(num_samples, seed, fractions, fetch, min_image_side=min_image_side)
+        self.load_hub_table(PIXMO_CAP, hf_path, hf_split, "PixMo-Cap", ["image_url", "caption"])
         urls = column(self.table, "image_url")
         groups, rows = group_rows(url or f"row:{i}" for i, url in enumerate(urls))
-        warn_short(f"PixMo-Cap ({self.location})", num_samples, len(groups))
-        chosen = choose(len(groups), num_samples, self.seed)
-        self._candidates = assign([(groups[g], {"row": rows[g][0]}) for g in chosen], self.seed, self.fractions)
-
-    def params(self) -> dict:
-        return {
-            "hf_dataset": self.location,
-            "hf_split": self.hf_split,
-            "hf_rows": len(self.table),
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "split_fractions": list(self.fractions),
-            "min_image_side": self.min_image_side,
-        }
+        chosen = self.pick(len(groups), f"PixMo-Cap ({self.location})")
+        self.set_candidates([(groups[g], {"row": rows[g][0]}) for g in chosen])
 
     def realize(self, c: Candidate) -> RawSample:
         index = c.data["row"]
@@ -143,25 +115,8 @@ class PixmoCapSource(CandidateSource):
         with self.skip_info(row=index, url=url):
             img = verify_image(self.get(url, "image"), self.min_image_side, f"image {url}")
         transcripts = [t for t in (row.get("transcripts") or []) if isinstance(t, str)]
-        return {
-            "key": c.key,
-            "image": None,
-            "image_bytes": img.data,
-            "image_format": img.format,
-            "audio": None,
-            "sample_rate": None,
-            "caption": caption,
-            "json": {
-                "source": self.name,
-                "id": c.key,
-                "split": c.split,
-                "hf_row": index,
-                "image_url": url,
-                "caption_kind": "caption",
-                "transcripts": transcripts,
-                **_image_json(img),
-            },
-        }
+        meta = {"hf_row": index, "image_url": url, "caption_kind": "caption", "transcripts": transcripts}
+        return self.sample(c, caption, meta, image=img)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +258,7 @@ class PixmoQASource(CandidateSource):
         min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
         fetch: FetchPolicy | None = None,
     ) -> None:
-        super().__init__(fetch)
-        self.num_samples = check_count("num_samples", num_samples)
-        self.seed = check_count("seed", seed, 0)
-        self.fractions = check_fractions(fractions)
-        self.min_image_side = check_count("min_image_side", min_image_side)
+        super().__init__(num_samples, seed, fractions, fetch, min_image_side=min_image_side)
         self.hf_split = hf_split
         self.caps = resolve_caps(num_samples, parse_source_caps(source_caps))
         self.tables: dict[str, Any] = {}
@@ -334,26 +285,23 @@ class PixmoQASource(CandidateSource):
             self.locations[subset.name] = describe_location(subset.hub_id, local)
             keys = column(table, subset.group_column)
             groups, rows = group_rows(k if k else f"row:{i}" for i, k in enumerate(keys))
-            warn_short(what, cap, len(groups))
-            for g in choose(len(groups), cap, self.seed, stream):
+            for g in self.pick(len(groups), what, cap, stream):
                 # URL-keyed groups are split by the URL alone, so an image PixMo-Cap also has lands
                 # in the same split in both sets (no train/test leak between them).
                 group = groups[g] if subset.group_column == "image_url" else f"{subset.name}:{groups[g]}"
                 items.append((group, {"subset": subset.name, "rows": rows[g]}))
-        self._candidates = assign(items, self.seed, self.fractions)
+        self.set_candidates(items)
         self._by_name = {s.name: s for s in QA_SUBSETS}
 
-    def params(self) -> dict:
+    def origin(self) -> dict:
         return {
             "hf_datasets": self.locations,
             "hf_split": self.hf_split,
             "hf_rows": {n: len(t) for n, t in self.tables.items()},
-            "num_samples": self.num_samples,
-            "source_caps": self.caps,
-            "seed": self.seed,
-            "split_fractions": list(self.fractions),
-            "min_image_side": self.min_image_side,
         }
+
+    def choice_params(self) -> dict:
+        return {"source_caps": self.caps}
 
     def realize(self, c: Candidate) -> RawSample:
         with self.skip_info(subset=c.data["subset"], rows=c.data["rows"]):
@@ -371,8 +319,7 @@ class PixmoQASource(CandidateSource):
         ]
         if not qa:
             raise SkippedSample("missing_fields", f"{subset.name} rows {c.data['rows']}: no question with an answer")
-        meta: dict[str, Any] = {"source": self.name, "subset": subset.name, "id": c.key, "split": c.split,
-                                "hf_rows": c.data["rows"], "caption_kind": "qa", "qa": qa}
+        meta: dict[str, Any] = {"subset": subset.name, "hf_rows": c.data["rows"], "caption_kind": "qa", "qa": qa}
         if subset.embedded_image:
             data = media_bytes(rows[0].get(subset.embedded_image))
             if data is None:
@@ -388,15 +335,5 @@ class PixmoQASource(CandidateSource):
                 _check_sha(data, rows[0].get("image_sha256"), url)
                 img = verify_image(data, self.min_image_side, f"{subset.name} image {url}")
             meta["image_url"] = url
-        meta.update(_image_json(img))
         first = qa[0]
-        return {
-            "key": c.key,
-            "image": None,
-            "image_bytes": img.data,
-            "image_format": img.format,
-            "audio": None,
-            "sample_rate": None,
-            "caption": f"{first['question']} {first['answer']}",
-            "json": meta,
-        }
+        return self.sample(c, f"{first['question']} {first['answer']}", meta, image=img)

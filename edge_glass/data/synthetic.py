@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edge_glass.data.hf_rows import check_fractions
 from edge_glass.data.raw_shards import RawSample
 from edge_glass.data.synthetic_attributes import (
     AMPLITUDE,
@@ -210,12 +211,7 @@ def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
 def _check_split_args(num_samples: int, fractions: Sequence[float]) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise UserError(f"--num_samples must be a positive integer, got {num_samples!r}")
-    if len(fractions) != len(SPLITS):
-        raise UserError(f"--split_fractions needs {len(SPLITS)} numbers (train val test), got {len(fractions)}")
-    if any(not math.isfinite(f) or f < 0 for f in fractions):
-        raise UserError(f"--split_fractions must be finite and non-negative, got {list(fractions)}")
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise UserError(f"--split_fractions must sum to 1, got {list(fractions)} (sum {sum(fractions):g})")
+    check_fractions(fractions)  # the real sources' check: one --split_fractions rule for every dataset
 
 
 def plan_splits(

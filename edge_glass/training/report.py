@@ -58,16 +58,19 @@ def write_reports(rs: list[dict], summary: dict, out_stem: Path) -> list[Path]:
     return paths
 
 
-def plot_recall_vs_dim(rs: list[dict], path: Path, metric: str = "R@1") -> None:
-    import matplotlib
+def plot_recall_vs_dim(rs: list[dict], path: Path | None = None, metric: str = "R@1", title: str | None = None):
+    """`metric` against MRL prefix dim, one line per retrieval direction: written to `path` and
+    closed, or, without a path, returned as the figure (what a notebook shows)."""
+    if path is not None:
+        import matplotlib
 
-    matplotlib.use("Agg")  # files only; no display on servers
+        matplotlib.use("Agg")  # files only; no display on servers (a notebook keeps its inline backend)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rs:
-        series.setdefault(r["direction"], []).append((r["dim"], r[metric]))
+        series.setdefault(r["direction"].replace("->", " -> "), []).append((r["dim"], r[metric]))
     for name, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
@@ -76,6 +79,11 @@ def plot_recall_vs_dim(rs: list[dict], path: Path, metric: str = "R@1") -> None:
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return None
