@@ -179,18 +179,9 @@ def test_sweeps_report_every_variant_at_every_dim(twins: Path) -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_script_on_an_align_and_an_instruct_twin(twins: Path) -> None:
-    out = _script(twins, "evaluate.py", "--run", "runs/vision_text_align_cpu", "--split", "test")
-    assert "vision -> text" in out
-    out = _script(twins, "evaluate.py", "--run", "runs/trimodal_trm_cpu", "--split", "test")
-    assert "qa/shape" in out
-    (report,) = (twins / "runs" / "trimodal_trm_cpu" / "eval").glob("test-step*.json")
-    assert json.loads(report.read_text())["metrics"]["num_examples"] > 0
-
-
-@pytest.mark.slow
 def test_notebooks_execute_against_the_twins(twins: Path) -> None:
     from helpers.notebooks import execute_notebooks
 
-    seconds = execute_notebooks(twins)
+    # Fewer generated answers than a user's run: the notebooks' code paths are what is tested.
+    seconds = execute_notebooks(twins, parameters={"MAX_QA_SAMPLES": 48, "MAX_HALT_EXAMPLES": 200})
     assert len(seconds) == 5, seconds

@@ -38,14 +38,23 @@ class NotebookFailed(AssertionError):
 
 
 def execute_notebook(path: Path, workdir: Path, *, timeout: int = CELL_TIMEOUT_S, out_dir: Path | None = None,
-                     kernel_name: str = "python3") -> float:
-    """Run one notebook in `workdir`; the seconds it took. Raises `NotebookFailed` on a cell error."""
+                     kernel_name: str = "python3", parameters: dict | None = None) -> float:
+    """Run one notebook in `workdir`; the seconds it took. Raises `NotebookFailed` on a cell error.
+
+    `parameters` (name -> value) are assigned in a cell inserted after the cell tagged
+    `parameters`, as papermill does; names the notebook does not define there are skipped."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     workdir = Path(workdir).resolve()
     nb = nbformat.read(path, as_version=4)
+    if parameters:
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+        defined = nb.cells[at].source
+        lines = [f"{k} = {v!r}" for k, v in parameters.items() if re.search(rf"^{k}\s*=", defined, re.M)]
+        if lines:
+            nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(lines)))
     env = {
         **os.environ,
         "EDGE_GLASS_WORKDIR": str(workdir),
@@ -74,7 +83,8 @@ def execute_notebook(path: Path, workdir: Path, *, timeout: int = CELL_TIMEOUT_S
 
 
 def execute_notebooks(workdir: str | os.PathLike, names: Sequence[str] | None = None, *,
-                      timeout: int = CELL_TIMEOUT_S, keep_outputs: bool = True) -> dict[str, float]:
+                      timeout: int = CELL_TIMEOUT_S, keep_outputs: bool = True,
+                      parameters: dict | None = None) -> dict[str, float]:
     """Run the repository's notebooks (or those whose names start with one of `names`) in
     `workdir`; {notebook name: seconds}. Raises `NotebookFailed` on the first cell error.
     Executed copies go to `<workdir>/notebooks_executed/` unless `keep_outputs` is False."""
@@ -88,4 +98,4 @@ def execute_notebooks(workdir: str | os.PathLike, names: Sequence[str] | None = 
     if not paths:
         raise FileNotFoundError(f"no notebooks {list(names) if names else ''} in {NOTEBOOK_DIR}")
     out_dir = workdir / EXECUTED_DIR if keep_outputs else None
-    return {p.stem: execute_notebook(p, workdir, timeout=timeout, out_dir=out_dir) for p in paths}
+    return {p.stem: execute_notebook(p, workdir, timeout=timeout, out_dir=out_dir, parameters=parameters) for p in paths}
