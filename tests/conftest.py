@@ -54,3 +54,15 @@ def run_script(script: str, *args: str, timeout: float = 300, cwd: Path | None =
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def local_model_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full local model set (`scripts/make_local_models.py`'s), built once per test session
+    for the end-to-end tests that run a user's commands (quickstart, the experiment twins);
+    `make_local_models.py` on a directory that holds it skips every model."""
+    from edge_glass.local_models.build import build_local_models
+
+    out = tmp_path_factory.mktemp("local-model-set") / "local"
+    build_local_models(out, include_real=True, seed=0)
+    return out

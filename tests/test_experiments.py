@@ -90,11 +90,13 @@ def _colour_shape(record: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def twins(tmp_path_factory: pytest.TempPathFactory, local_model_set: Path) -> Path:
     """A working directory where every twin has been trained (a user's commands, in order)."""
     work = tmp_path_factory.mktemp("twins")
     for name in ("configs", "ds_configs"):
         (work / name).symlink_to(REPO / name)
+    (work / "models").mkdir()
+    (work / "models" / "local").symlink_to(local_model_set)  # built once per session; the script skips it
     _script(work, "make_local_models.py", "--out", "models/local")
     _script(work, "download_datasets.py", "--dataset", "synthetic", "--num_samples", "8000",
             "--split_fractions", "0.925", "0.0375", "0.0375", "--image_size", "32", "--no_holdout",

@@ -127,7 +127,7 @@ def test_instruct_kill_9_then_resume_gives_identical_losses_and_weights(tw: Trai
     place = tmp_path / "killed"
     place.mkdir()
     run = _run(place)
-    with Launched(train_cmd(config, nproc=2, script=HOOKED_TRAIN), place, env(TRAINER_TEST_STEP_DELAY="0.8")) as launched:
+    with Launched(train_cmd(config, nproc=2, script=HOOKED_TRAIN), place, env(TRAINER_TEST_STEP_DELAY="0.5")) as launched:
         wait_until(lambda: (checkpoint(run, 6) / "COMPLETE").is_file() and last_logged_step(run) >= 7,
                    launched, "checkpoint step6 and a later step")
         launched.kill(signal.SIGKILL)

@@ -17,7 +17,11 @@ from conftest import REPO
 
 
 @pytest.mark.slow
-def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path):
+def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path, local_model_set):
+    # The model set is shared with the other end-to-end tests; the quickstart's own
+    # make_local_models step then finds every model built and skips it.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "local").symlink_to(local_model_set)
     cmd = [sys.executable, str(REPO / "scripts" / "quickstart.py"), "--workdir", str(tmp_path),
            "--num_samples", "480", "--max_steps", "12"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, start_new_session=True)

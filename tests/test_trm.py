@@ -1,10 +1,9 @@
 """Tiny Recursive Model decoder: the recursion really recurses, gradients reach only the last cycle,
-the carry is detached between supervision steps, padding is invisible, halting works, and on a toy
-QA task both the TRM and the causal baseline learn to answer (greedy exact match)."""
+the carry is detached between supervision steps, padding is invisible, and halting works. Learning
+on real features, against the causal baseline, is tests/test_experiments.py's (the trimodal_trm twin)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -360,108 +359,3 @@ def test_trained_model_halts_early(tokenizer_dir, tokenizer, one_thread):
     assert exact_match(answers, batch.labels).all()
     assert ((halt >= 1) & (halt <= 4)).all()
     assert halt.float().mean() < 2.0, halt.tolist()
-
-
-# --------------------------------------------------------------------------------------------
-# Learning: a toy QA task (colour / shape words from a class-coded prefix vector)
-# --------------------------------------------------------------------------------------------
-
-COLOURS = ["red", "green", "blue", "grey", "yellow", "dark"]  # 1, 1, 1, 2, 1, 3 tokens
-SHAPES = ["circle", "square", "triangle", "heart", "cross"]  # 1, 1, 1, 3, 1 tokens
-QUESTIONS = ["What colour is the shape?", "What shape?"]  # 6 and 3 tokens: padded batches
-PREFIX_TOKENS = 2
-NOISE = 0.2
-
-
-class ToyTask:
-    """Prefix vector = one-hot(colour) ++ one-hot(shape) + N(0, 0.2); answer = colour or shape word.
-
-    6 of the 30 (colour, shape) combinations never appear in training; evaluation draws fresh
-    samples from all 30, so it also checks that each answer depends only on its own attribute.
-    """
-
-    def __init__(self, tok, seed: int = 0) -> None:
-        self.tok = tok
-        self.colour_ids = [tok(w)["input_ids"] for w in COLOURS]
-        self.shape_ids = [tok(w)["input_ids"] for w in SHAPES]
-        self.question_ids = [tok(q)["input_ids"] for q in QUESTIONS]
-        combos = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
-        perm = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed)).tolist()
-        self.held_out = [combos[i] for i in perm[:6]]
-        self.train = [combos[i] for i in perm[6:]]
-        self.all = combos
-
-    def sample(self, combos, n: int, g: torch.Generator):
-        idx = torch.randint(len(combos), (n,), generator=g).tolist()
-        colour = torch.tensor([combos[i][0] for i in idx])
-        shape = torch.tensor([combos[i][1] for i in idx])
-        question = torch.randint(2, (n,), generator=g).tolist()
-        vec = torch.cat([F.one_hot(colour, len(COLOURS)), F.one_hot(shape, len(SHAPES))], -1).float()
-        vec = vec + NOISE * torch.randn(vec.shape, generator=g)
-        qids, qmask = pad_questions([self.question_ids[q] for q in question], self.tok.pad_token_id)
-        answers = [self.colour_ids[c] if q == 0 else self.shape_ids[s] for c, s, q in zip(colour.tolist(), shape.tolist(), question)]
-        return vec, qids, qmask, answers
-
-
-def train_toy(kind: str, tokenizer_dir, tok, iters: int, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    cfg = TRMConfig(
-        tokenizer=str(tokenizer_dir), hidden_dim=64, num_layers=2, num_heads=4,
-        h_cycles=2, l_cycles=1, n_sup=3, max_answer_len=4,
-    )
-    task = ToyTask(tok, seed)
-    model = TRM(cfg, tok) if kind == "trm" else CausalBaseline(cfg, tok)
-    connector = nn.Linear(len(COLOURS) + len(SHAPES), PREFIX_TOKENS * cfg.hidden_dim)
-    params = [*model.parameters(), *connector.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3)
-    to_prefix = lambda vec: connector(vec).view(-1, PREFIX_TOKENS, cfg.hidden_dim)  # noqa: E731
-
-    def step_fn(loss):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-
-    g = torch.Generator().manual_seed(seed + 1)
-    start, opt_steps = time.perf_counter(), 0
-    for _ in range(iters):
-        vec, qids, qmask, answers = task.sample(task.train, 32, g)
-        labels = answer_targets(answers, cfg.max_answer_len, tok.eos_token_id)
-        if kind == "trm":
-            # The prefix is recomputed at every supervision step: each one is its own optimizer step.
-            out = model.train_step(TRMBatch(qids, qmask, labels, prefix=lambda vec=vec: to_prefix(vec)), step_fn, generator=g)
-            opt_steps += out["steps"]
-        else:
-            step_fn(model.loss(to_prefix(vec), qids, qmask, labels)[0])
-            opt_steps += 1
-    train_s = time.perf_counter() - start
-
-    result = {"train_s": train_s, "opt_steps": opt_steps}
-    gv = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for name, combos in (("all", task.all), ("held_out_combos", task.held_out)):
-            vec, qids, qmask, answers = task.sample(combos, 300, gv)
-            labels = answer_targets(answers, cfg.max_answer_len, tok.eos_token_id)
-            if kind == "trm":
-                pred, halt = model.predict(to_prefix(vec), qids, qmask)
-                result[f"{name}_mean_halt_step"] = halt.float().mean().item()
-                assert ((halt >= 1) & (halt <= cfg.n_sup)).all()
-            else:
-                pred = model.predict(to_prefix(vec), qids, qmask)
-            result[f"{name}_em"] = exact_match(pred, labels).float().mean().item()
-            if name == "all":
-                # Exact match on strings too: decoding cuts at EOS and returns the answer word.
-                strings = model.decode(pred)
-                words = [tok.decode(a) for a in answers]
-                result["string_em"] = sum(s == w for s, w in zip(strings, words)) / len(words)
-    return result
-
-
-@pytest.mark.slow
-def test_trm_and_baseline_learn_toy_qa(tokenizer_dir, tokenizer, one_thread):
-    trm = train_toy("trm", tokenizer_dir, tokenizer, iters=150)
-    base = train_toy("baseline", tokenizer_dir, tokenizer, iters=150)
-    print(f"\nTRM: {trm}\nbaseline: {base}")
-    assert trm["all_em"] >= 0.8, trm
-    assert trm["string_em"] >= 0.8, trm
-    assert base["all_em"] >= 0.5, base  # the baseline learns it too (its number is reported above)
