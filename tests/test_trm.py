@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from edge_glass.config import TRMConfig
 from edge_glass.decoders.causal_baseline import CausalBaseline
