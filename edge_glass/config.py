@@ -12,7 +12,6 @@ silently dropped: a key that is accepted is a key that is used.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import hashlib
@@ -562,13 +561,18 @@ class Config:
     def _check_sweep(self) -> None:
         # Every variant must be a valid config on its own, so a typo in one fails at load time,
         # not hours into the sweep.
-        base = config_to_dict(self)
-        base["sweep"] = None
         for i, variant in enumerate(self.sweep.variants):
             try:
-                config_from_dict(apply_overrides(copy.deepcopy(base), variant.set))
+                self.variant(variant)
             except ConfigError as e:
                 raise ConfigError(f"sweep.variants[{i}] ({variant.name}): {e}") from None
+
+    def variant(self, variant: "SweepVariant") -> "Config":
+        """The run config of one sweep variant: this config, its overrides, no sweep section,
+        and the name `<experiment.name>-<variant.name>`."""
+        base = config_to_dict(self)
+        base["sweep"] = None
+        return config_from_dict(apply_overrides(base, [*variant.set, f"experiment.name={self.experiment.name}-{variant.name}"]))
 
     def _check_instruct(self) -> None:
         if self.decoder.kind == "none":

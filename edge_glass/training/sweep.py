@@ -13,12 +13,11 @@ configs and the combined report:
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
 
-from edge_glass.config import Config, apply_overrides, config_from_dict, config_to_dict, save_config
+from edge_glass.config import Config, save_config
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
 
@@ -31,13 +30,7 @@ def variant_configs(cfg: Config) -> list[tuple[str, Config]]:
     """(variant name, its config) in the order the sweep lists them."""
     if cfg.sweep is None:
         raise UserError(f"experiment {cfg.experiment.name!r} has no sweep section; train it with scripts/train.py")
-    base = config_to_dict(cfg)
-    base["sweep"] = None
-    out = []
-    for v in cfg.sweep.variants:
-        data = apply_overrides(copy.deepcopy(base), [*v.set, f"experiment.name={cfg.experiment.name}-{v.name}"])
-        out.append((v.name, config_from_dict(data)))
-    return out
+    return [(v.name, cfg.variant(v)) for v in cfg.sweep.variants]
 
 
 def write_variant_configs(cfg: Config) -> list[tuple[str, Path]]:

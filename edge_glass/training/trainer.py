@@ -312,11 +312,9 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
                     bar.advance(1)
                     if step % cfg.train.log_interval == 0 or step == total_steps:
                         record = _log_record(step, loader.epoch, window, samples_per_micro, lr_used,
-                                             {k: v for k, v in parts.items() if k in task.logged_parts}, world, engine.device)
-                        utilisation = mfu(flops["per_micro"] * window["micro"], record["elapsed"], peak) if flops["per_micro"] else None
-                        if utilisation is not None:
-                            record["mfu"] = utilisation
-                        record.pop("elapsed")
+                                             {k: v for k, v in parts.items() if k in task.logged_parts}, world, engine.device,
+                                             flops["per_micro"], peak)
+                        utilisation = record.get("mfu")
                         bar.update(description=f"train {cfg.experiment.name} · loss {record['loss']:.4f} · "
                                                f"lr {record['lr']:.2e} · {record['samples_per_s']:,.0f} samples/s · "
                                                f"data wait {100 * record['data_wait']:.0f}%"
@@ -346,15 +344,16 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
 
 
 def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int,
-                device: torch.device) -> dict:
+                device: torch.device, flops_per_micro: int | None, peak: float | None) -> dict:
+    """The window's metrics.jsonl record; `mfu` only where the FLOPs and the device's peak are known."""
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
     loss = torch.as_tensor(window["loss"], dtype=torch.float32, device=device).reshape(1) / max(window["micro"], 1)
     if world > 1:
         dist.all_reduce(loss)
         loss /= world
+    utilisation = mfu(flops_per_micro * window["micro"], elapsed, peak) if flops_per_micro else None
     return {
         "kind": "train",
-        "elapsed": elapsed,
         "step": step,
         "epoch": epoch,
         "loss": float(loss.item()),
@@ -362,6 +361,7 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
         "samples_per_s": window["micro"] * samples_per_micro / elapsed,
         "data_wait": window["wait"] / elapsed,
         **{k: float(v) for k, v in parts.items()},
+        **({"mfu": utilisation} if utilisation is not None else {}),
     }
 
 
