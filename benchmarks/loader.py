@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""FeatureLoader throughput per backend, against bare reads of the same bytes, in one run.
+"""FeatureLoader throughput against the machine's gather limit, idle and with a competing load.
 
 Run with:
-    python benchmarks/loader.py                 # ~8k samples, ~1 min on 2 cores
-    python benchmarks/loader.py --samples 20000 --token_len 50 --dim 384
+    python benchmarks/loader.py                      # ViT-L/14-336 shapes, ~2 min on 2 cores
+    python benchmarks/loader.py --shape small        # small shapes: vs bare h5py and webdataset
 
-Baselines, measured in the same process on the same store:
-  * hdf5 bare: plain h5py slices of `batch` consecutive samples into numpy, no shuffle, no
-    padding, no torch: the most a reader of this file layout can do in Python.
-  * webdataset bare: the `webdataset` library streaming the tars and parsing each .npy member.
-The loader is measured as the trainer runs it (a prefetch thread keeps batches ready while the
-model step runs) and without that thread: with nothing to overlap, the thread only competes for
-the GIL, so the second line is the loader's own cost.
-The store is synthetic (random fp16 features of a tri-modal shape); every file is read once
-before timing, so the numbers are page-cache reads, which is what a training epoch after the
-first sees.
+`--shape vitl` (default): a store of `--samples` samples of CLIP ViT-L/14-336 patch tokens
+([576, 1024] float16, 1.18 MB a sample) and all-mpnet-base-v2-sized caption tokens ([8..32, 768]),
+with pooled vectors. Baseline, measured in the same run on the same batches: the machine's
+gather limit, a bare `torch.index_select` of the same token rows from memory into a
+preallocated buffer, with torch's default thread count and with one thread (the better of the
+two is the limit). The loader runs as the trainer runs it (shuffled windows, a ring of reused
+buffers, reader threads, prefetch), and its rate is the token bytes it delivers per second.
+Both are measured idle and again with one busy process per core competing for the CPU, as the
+other ranks, dataloaders and extraction do on a GPU box.
+
+`--shape small`: the previous benchmark's store ([50, 256] tokens for three modalities) against
+bare h5py slices and the `webdataset` library, for continuity with older figures.
+
+Every file is read once before timing (page-cache reads, what every epoch after the first sees).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing as mp
+import os
 import platform
 import shutil
 import tempfile
@@ -30,19 +36,24 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 import webdataset as wds
 
 from edge_glass.features.block import FeatureBlock, ModalityArrays
 from edge_glass.features.hdf5_shard import write_hdf5_shard
-from edge_glass.features.loader import FeatureLoader
+from edge_glass.features.loader import FeatureLoader, default_reader_threads
 from edge_glass.features.manifest import FORMAT_VERSION
 from edge_glass.features.store import open_store
 from edge_glass.features.wds_shard import write_wds_shard
 
+SHAPES = {
+    # modality: (token length or (min, max) for variable lengths, token width, pooled width)
+    "vitl": {"vision": (576, 1024, 768), "text": ((8, 33), 768, 768)},
+    "small": {"vision": (50, 256, 256), "audio": (50, 256, 256), "text": ((8, 24), 256, 256)},
+}
+
 
 def machine() -> str:
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -51,45 +62,52 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def make_store(root: Path, samples: int, shard_size: int, token_len: int, dim: int, seed: int = 0) -> Path:
-    """A store with vision (fixed-length), audio (fixed) and text (variable-length) features."""
+def make_store(root: Path, samples: int, shard_size: int, shapes: dict, formats=("hdf5",), split: str = "train",
+               seed: int = 0) -> Path:
+    """A store of random features of the given shapes (values drawn once and tiled: a loader
+    benchmark does not care what the bytes are, and drawing 10^9 normals would dominate)."""
     rng = np.random.default_rng(seed)
-    split = root / "train"
-    split.mkdir(parents=True)
+    out = root / split
+    out.mkdir(parents=True)
+    tiles = {m: rng.standard_normal((4096, width)).astype(np.float16) for m, (_, width, _) in shapes.items()}
     shards = []
     for s, start in enumerate(range(0, samples, shard_size)):
         n = min(shard_size, samples - start)
         mods = {}
-        for m, lengths in (
-            ("vision", np.full(n, token_len)),
-            ("audio", np.full(n, token_len)),
-            ("text", rng.integers(8, 24, size=n)),
-        ):
+        for m, (length, width, pooled) in shapes.items():
+            lengths = np.full(n, length) if isinstance(length, int) else rng.integers(*length, size=n)
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            mods[m] = ModalityArrays(
-                rng.standard_normal((int(offsets[-1]), dim)).astype(np.float16), offsets,
-                rng.standard_normal((n, dim)).astype(np.float16),
-            )
-        keys = [f"train-{start + i:08d}" for i in range(n)]
+            rows = int(offsets[-1])
+            tokens = np.resize(tiles[m], (rows, width))
+            mods[m] = ModalityArrays(tokens, offsets, rng.standard_normal((n, pooled)).astype(np.float16))
+        keys = [f"{split}-{start + i:08d}" for i in range(n)]
         block = FeatureBlock(keys, [f"caption {start + i}" for i in range(n)], ['{"source": "bench"}'] * n, mods)
         name = f"shard-{s:06d}"
-        write_hdf5_shard(split / f"{name}.h5", block, {"format_version": FORMAT_VERSION})
-        write_wds_shard(split / f"{name}.tar", block)
-        files = {fmt: {"file": f"{name}{ext}", "sha256": "", "bytes": (split / f"{name}{ext}").stat().st_size}
-                 for fmt, ext in (("hdf5", ".h5"), ("webdataset", ".tar"))}
+        files = {}
+        for fmt, ext in (("hdf5", ".h5"), ("webdataset", ".tar")):
+            if fmt in formats:
+                path = out / f"{name}{ext}"
+                (write_hdf5_shard(path, block, {"format_version": FORMAT_VERSION}) if fmt == "hdf5"
+                 else write_wds_shard(path, block))
+                files[fmt] = {"file": path.name, "sha256": "", "bytes": path.stat().st_size}
         shards.append({"name": name, "raw_shard": "", "num_samples": n, "files": files})
-    fields = {f"{m}.{k}": {"dim": dim, "dtype": "float16"} for m in ("vision", "audio", "text") for k in ("tokens", "pooled")}
-    zeros = {"count": 1, "mean": [0.0] * dim, "std": [1.0] * dim}
+    fields, stats = {}, {}
+    for m, (length, width, pooled) in shapes.items():
+        max_len = length if isinstance(length, int) else length[1] - 1
+        fields[f"{m}.tokens"] = {"dim": width, "dtype": "float16", "max_length": max_len}
+        fields[f"{m}.pooled"] = {"dim": pooled, "dtype": "float16"}
+        stats[f"{m}.tokens"] = {"count": 1, "mean": [0.0] * width, "std": [1.0] * width}
+        stats[f"{m}.pooled"] = {"count": 1, "mean": [0.0] * pooled, "std": [1.0] * pooled}
     manifest = {
-        "format_version": FORMAT_VERSION, "split": "train", "fingerprint": "bench", "store_dtype": "float16",
-        "encoders": {}, "formats": ["hdf5", "webdataset"], "fields": fields, "num_samples": samples,
-        "shards": shards, "source": {}, "stats": {f: zeros for f in fields},
+        "format_version": FORMAT_VERSION, "split": split, "fingerprint": "bench", "encoder_fingerprint": "bench",
+        "token_dtype": "float16", "pooled_dtype": "float16", "encoders": {}, "formats": list(formats),
+        "fields": fields, "num_samples": samples, "shards": shards, "source": {}, "stats": stats,
     }
-    (split / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
@@ -98,6 +116,146 @@ def warm(paths) -> None:
         with open(p, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+# --- competing load -------------------------------------------------------------------------------
+
+
+def _spin(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        for _ in range(100_000):
+            x += 1
+
+
+class CompetingLoad:
+    """One busy process per core for the duration of a `with` block."""
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.n = processes or os.cpu_count() or 1
+
+    def __enter__(self) -> "CompetingLoad":
+        ctx = mp.get_context("spawn")
+        self.stop = ctx.Event()
+        self.procs = [ctx.Process(target=_spin, args=(self.stop,), daemon=True) for _ in range(self.n)]
+        for p in self.procs:
+            p.start()
+        time.sleep(1.0)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(timeout=10)
+
+
+# --- ViT-L shapes: loader vs the gather limit -----------------------------------------------------
+
+
+def batch_rows(store: Path, batch: int, seed: int) -> list[np.ndarray]:
+    """The global sample indices of each batch the loader will make (same seed, one rank)."""
+    loader = FeatureLoader(open_store(store, "train"), batch, seed=seed, prefetch_batches=0)
+    plan = loader._plan(0)
+    out = []
+    for k in range(plan.num_batches):
+        which, rows = plan.batch(k)
+        out.append(plan.blocks[which, 0] + rows)
+    return out
+
+
+def gather_limit(arrays: list[torch.Tensor], batches: list[np.ndarray], threads: int, repeats: int) -> float:
+    """Bytes/s of index_select of each batch's rows of each array (per sample, flattened) from
+    memory into preallocated buffers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = [torch.empty((len(batches[0]), a.shape[1]), dtype=a.dtype) for a in arrays]
+        index = [torch.from_numpy(b) for b in batches]
+        per_sample = sum(a.shape[1] * a.element_size() for a in arrays)
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for idx in index:
+                for a, out in zip(arrays, outs):
+                    torch.index_select(a, 0, idx, out=out[: len(idx)])
+            best = max(best, sum(len(i) for i in index) * per_sample / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def loader_epoch(loader: FeatureLoader) -> tuple[float, float]:
+    """(token bytes/s, samples/s) of one epoch of `loader`."""
+    n = nbytes = 0
+    t = time.perf_counter()
+    for b in loader:
+        n += len(b["keys"])
+        nbytes += sum(b[m]["tokens"].numel() * b[m]["tokens"].element_size() for m in ("vision", "text"))
+    elapsed = time.perf_counter() - t
+    return nbytes / elapsed, n / elapsed
+
+
+def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: FeatureLoader, repeats: int) -> dict:
+    """Best of `repeats` rounds, each timing the bare gather (1 thread, default threads) and one
+    loader epoch back to back, so a slow patch of a shared machine hits all three alike."""
+    best = {"one": 0.0, "default": 0.0, "loader": (0.0, 0.0)}
+    for _ in range(repeats):
+        best["one"] = max(best["one"], gather_limit(arrays, batches, 1, 1))
+        best["default"] = max(best["default"], gather_limit(arrays, batches, torch.get_num_threads(), 1))
+        best["loader"] = max(best["loader"], loader_epoch(loader))
+    return best
+
+
+def run_vitl(args) -> None:
+    root = Path(tempfile.mkdtemp(prefix="eg-loader-bench-", dir=args.tmp))
+    try:
+        shapes = SHAPES["vitl"]
+        make_store(root, args.samples, args.shard_size, shapes)
+        split = root / "train"
+        warm(sorted(split.glob("shard-*.h5")))
+        batches = batch_rows(root, args.batch, seed=0)
+        # The same token rows in memory, for the bare gather: vision as stored, captions padded
+        # to their longest (the loader pads each batch to its own longest, about as many bytes).
+        whole = open_store(root, "train").read(0, args.samples, ["vision", "text"], with_meta=False)
+        vision = torch.from_numpy(whole.modalities["vision"].tokens.reshape(args.samples, -1))
+        text = whole.modalities["text"]
+        padded = np.zeros((args.samples, int(text.lengths.max()), text.tokens.shape[1]), np.float16)
+        padded[np.arange(padded.shape[1])[None, :] < text.lengths[:, None]] = text.tokens
+        arrays = [vision, torch.from_numpy(padded.reshape(args.samples, -1))]
+        threads = args.reader_threads or default_reader_threads()
+        print(f"machine: {machine()}")
+        print(f"store: {args.samples} samples, vision tokens [576, 1024] + caption tokens [8..32, 768], float16, "
+              f"shards of {args.shard_size}; batch {args.batch}; reader threads {threads}; best of {args.repeats}")
+        print(f"{'condition':<10}{'gather limit GB/s':>19}{'(1 thread / default)':>23}{'loader GB/s':>13}"
+              f"{'samples/s':>11}{'ratio':>8}")
+        # As the trainer runs it: one loader, epoch after epoch; the first epoch (which allocates
+        # and first touches the buffer ring) is not timed.
+        loader = FeatureLoader(open_store(root, "train"), args.batch, seed=0, reuse_buffers=True,
+                               reader_threads=args.reader_threads)
+        for _ in loader:
+            pass
+        ratios = {}
+        for condition in ("idle", "loaded"):
+            load = CompetingLoad() if condition == "loaded" else None
+            if load:
+                load.__enter__()
+            try:
+                best = measure(arrays, batches, loader, args.repeats)
+            finally:
+                if load:
+                    load.__exit__(None, None, None)
+            one, default = best["one"], best["default"]
+            limit = max(one, default)
+            rate, samples = best["loader"]
+            ratios[condition] = rate / limit
+            print(f"{condition:<10}{limit / 1e9:>19.2f}{f'({one / 1e9:.2f} / {default / 1e9:.2f})':>23}"
+                  f"{rate / 1e9:>13.2f}{samples:>11,.0f}{rate / limit:>8.2f}")
+        print(f"RATIO loader/gather_limit idle={ratios['idle']:.2f} loaded={ratios['loaded']:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- small shapes: vs bare h5py and webdataset ----------------------------------------------------
 
 
 def bare_hdf5(split_dir: Path, batch: int) -> int:
@@ -128,11 +286,9 @@ def bare_wds(split_dir: Path) -> int:
 
 
 def through_loader(store: Path, backend: str, batch: int, prefetch_batches: int = 2) -> int:
-    loader = FeatureLoader(open_store(store, "train", backend), batch, seed=0, drop_last=True, prefetch_batches=prefetch_batches)
-    n = 0
-    for b in loader:
-        n += b["vision"]["tokens"].shape[0]
-    return n
+    loader = FeatureLoader(open_store(store, "train", backend), batch, seed=0, drop_last=True,
+                           prefetch_batches=prefetch_batches, reuse_buffers=True)
+    return sum(len(b["keys"]) for b in loader)
 
 
 def timed(fn, repeats: int) -> float:
@@ -145,22 +301,14 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=8192)
-    p.add_argument("--shard_size", type=int, default=1024)
-    p.add_argument("--token_len", type=int, default=50)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="eg-loader-bench-"))
+def run_small(args) -> None:
+    root = Path(tempfile.mkdtemp(prefix="eg-loader-bench-", dir=args.tmp))
     try:
-        make_store(root, args.samples, args.shard_size, args.token_len, args.dim)
+        make_store(root, args.samples, args.shard_size, SHAPES["small"], formats=("hdf5", "webdataset"))
         split = root / "train"
         warm(sorted(split.glob("shard-*")))
         print(f"machine: {machine()}")
-        print(f"store: {args.samples} samples, vision/audio tokens [{args.token_len}, {args.dim}], text tokens [8..23, {args.dim}], "
+        print(f"store: {args.samples} samples, vision/audio tokens [50, 256], text tokens [8..23, 256], "
               f"fp16, shards of {args.shard_size}; batch {args.batch}; best of {args.repeats}")
         h_bare = timed(lambda: bare_hdf5(split, args.batch), args.repeats)
         h_loader = timed(lambda: through_loader(root, "hdf5", args.batch), args.repeats)
@@ -170,14 +318,30 @@ def main() -> None:
         print(f"{'path':<42}{'samples/s':>12}{'ratio':>8}")
         print(f"{'hdf5 bare h5py slices (baseline)':<42}{h_bare:>12,.0f}{1.0:>8.2f}")
         print(f"{'hdf5 FeatureLoader (shuffled, padded)':<42}{h_loader:>12,.0f}{h_loader / h_bare:>8.2f}")
-        print(f"{'  same, no prefetch thread':<42}{h_loader0:>12,.0f}{h_loader0 / h_bare:>8.2f}")
+        print(f"{'  same, no reader threads':<42}{h_loader0:>12,.0f}{h_loader0 / h_bare:>8.2f}")
         print(f"{'webdataset library + np.load (baseline)':<42}{w_bare:>12,.0f}{1.0:>8.2f}")
         print(f"{'webdataset FeatureLoader (shuffled, padded)':<42}{w_loader:>12,.0f}{w_loader / w_bare:>8.2f}")
-        print(f"RATIO hdf5_loader/hdf5_bare={h_loader / h_bare:.2f} (no prefetch thread {h_loader0 / h_bare:.2f}) "
-              f"wds_loader/wds_bare={w_loader / w_bare:.2f} "
-              f"wds_loader/hdf5_bare={w_loader / h_bare:.2f}")
+        print(f"RATIO hdf5_loader/hdf5_bare={h_loader / h_bare:.2f} (no reader threads {h_loader0 / h_bare:.2f}) "
+              f"wds_loader/wds_bare={w_loader / w_bare:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="vitl")
+    p.add_argument("--samples", type=int, default=None, help="default: 2048 (vitl), 8192 (small)")
+    p.add_argument("--shard_size", type=int, default=None, help="default: 256 (vitl), 1024 (small)")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 (vitl), 128 (small)")
+    p.add_argument("--reader_threads", type=int, default=None, help="default: the loader's own default")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tmp", default=None, help="where the store is written (default: the system temp dir)")
+    args = p.parse_args()
+    vitl = args.shape == "vitl"
+    args.samples = args.samples or (2048 if vitl else 8192)
+    args.shard_size = args.shard_size or (256 if vitl else 1024)
+    args.batch = args.batch or (64 if vitl else 128)
+    (run_vitl if vitl else run_small)(args)
 
 
 if __name__ == "__main__":

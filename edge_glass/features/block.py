@@ -1,19 +1,23 @@
-"""`FeatureBlock`: the in-memory form of a run of consecutive samples of one feature shard.
+"""The in-memory forms of a run of consecutive samples of one feature shard.
 
-A whole shard (as the extractor writes it) and a slice of one (as the loader reads it) are the
-same thing, so both backends write from and read into this one type.
+`FeatureBlock` holds everything, token rows included: what the extractor writes and what
+`FeatureSplit.read` gives notebooks and scripts. `BlockIndex` holds everything *but* the token
+rows: what the training loader keeps of a block between reading it and gathering batches from
+it; each backend's `copy_many` then puts samples' rows straight into the batch buffer.
 
 Token sequences have different true lengths per sample (audio frames, word pieces). They are
 kept *flat*, `tokens[offsets[i]:offsets[i+1]]` being sample i, rather than padded to the longest
 sample: on disk a padded layout would store a 30-s clip's 1500 frames of zeros next to every
-1-s clip, while flat storage is exact and still reads any run of samples with one contiguous
-slice. Padding happens per batch, in `pad_tokens`, to the batch's own longest sample.
+1-s clip, while flat storage is exact and still reads any sample's rows with one contiguous read.
+Padding happens per batch, to the batch's own longest sample.
 """
 
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -23,23 +27,18 @@ class ModalityArrays:
     """One modality's features for a run of samples."""
 
     tokens: np.ndarray
-    """[sum of lengths, D] token rows of all samples, back to back."""
+    """[sum of lengths, W] token rows of all samples, back to back, in the stored dtype (float,
+    or int8 / packed int4 codes; see quantize.py)."""
     offsets: np.ndarray
     """[N + 1] int64 starting at 0; sample i owns rows offsets[i]:offsets[i+1]."""
     pooled: np.ndarray
     """[N, P] pooled vector per sample."""
+    scales: np.ndarray | None = None
+    """[sum of lengths, G] float16 scales of quantised token rows; None for float tokens."""
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
-
-    def take(self, index: np.ndarray) -> "ModalityArrays":
-        """The samples at `index` (any order), re-packed flat."""
-        lengths = self.lengths[index]
-        rows = flat_ranges(self.offsets[index], lengths)
-        offsets = np.zeros(len(index) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return ModalityArrays(self.tokens[rows], offsets, self.pooled[index])
 
 
 @dataclass
@@ -55,14 +54,6 @@ class FeatureBlock:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def take(self, index: np.ndarray) -> "FeatureBlock":
-        return FeatureBlock(
-            [self.keys[i] for i in index],
-            [self.captions[i] for i in index],
-            [self.meta[i] for i in index],
-            {m: a.take(index) for m, a in self.modalities.items()},
-        )
-
 
 def concat_blocks(blocks: list[FeatureBlock]) -> FeatureBlock:
     """One block holding `blocks` back to back (offsets rebased)."""
@@ -74,8 +65,9 @@ def concat_blocks(blocks: list[FeatureBlock]) -> FeatureBlock:
         lengths = np.concatenate([p.lengths for p in parts])
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
+        scales = None if parts[0].scales is None else np.concatenate([p.scales for p in parts])
         modalities[m] = ModalityArrays(
-            np.concatenate([p.tokens for p in parts]), offsets, np.concatenate([p.pooled for p in parts])
+            np.concatenate([p.tokens for p in parts]), offsets, np.concatenate([p.pooled for p in parts]), scales
         )
     return FeatureBlock(
         [k for b in blocks for k in b.keys],
@@ -85,29 +77,27 @@ def concat_blocks(blocks: list[FeatureBlock]) -> FeatureBlock:
     )
 
 
-def pad_tokens(arrays: ModalityArrays) -> tuple[np.ndarray, np.ndarray]:
-    """Padded [N, Tmax, D] tokens (zeros past each length) and the [N, Tmax] bool mask."""
-    lengths = arrays.lengths
-    n, dim = len(lengths), arrays.tokens.shape[1]
-    t_max = int(lengths.max()) if n else 0
-    if n and (lengths == t_max).all():
-        # Fixed-length tokens (CLIP patches): the flat rows already are the padded tensor.
-        return arrays.tokens.reshape(n, t_max, dim), np.ones((n, t_max), dtype=bool)
-    mask = np.arange(t_max)[None, :] < lengths[:, None]
-    padded = np.zeros((n, t_max, dim), dtype=arrays.tokens.dtype)
-    # Row-major order of the mask's True cells is exactly the flat order of the rows.
-    padded[mask] = arrays.tokens
-    return padded, mask
+class BlockIndex(ABC):
+    """A block of samples without its token rows (see the module docstring)."""
 
+    keys: list[str]
+    captions: list[str]
+    meta: list[str]
+    """Per-sample JSON text, or "" each when read without metadata."""
+    lengths: dict[str, np.ndarray]
+    """Per modality: [N] token count of each sample."""
+    pooled: dict[str, np.ndarray]
+    """Per modality: [N, P] pooled vectors."""
 
-def flat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + l) for each (s, l), without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    # Position of each output row within its run, plus the run's start.
-    run_starts = np.repeat(np.asarray(starts, dtype=np.int64), lengths)
-    first = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=first[1:])
-    within = np.arange(total, dtype=np.int64) - np.repeat(first, lengths)
-    return run_starts + within
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @abstractmethod
+    def copy_many(self, modality: str, items: Sequence[tuple[int, int]], tokens: np.ndarray,
+                  scales: np.ndarray | None) -> None:
+        """For each (sample i of this block, slot j of the batch): sample i's token rows into
+        `tokens[j, :length]`, and for a quantised store its scales into `scales[j, :length]`;
+        one copy from the store, no intermediate buffer."""
+
+    def release_pages(self) -> None:
+        """Ask the OS to drop this block's bytes from the page cache (the loader is done with it)."""

@@ -3,29 +3,37 @@
 Layout (N samples; per modality m):
 
     /keys, /captions, /meta          [N] utf-8 strings (meta is the raw sample's JSON)
-    /m/tokens                        [sum of lengths, D] fp16, flat (see block.py for why)
+    /m/tokens                        [sum of lengths, W] flat token rows (see block.py for why),
+                                     float16/float32, or int8 / packed int4 codes (quantize.py)
+    /m/scales                        [sum of lengths, G] float16, quantised stores only
     /m/offsets                       [N + 1] int64
-    /m/pooled                        [N, P] fp16
+    /m/pooled                        [N, P] float16/float32
 
-The numeric datasets are stored *contiguous* (unchunked, uncompressed): a run of samples is one
-slice, and the reader maps each dataset's bytes straight into numpy (`np.memmap` at the offset
-HDF5 reports), so reading a block is a view of the page cache instead of a copy through h5py,
-which also holds the GIL while it copies. The loader's batch gather is then the only copy
-(benchmarks/loader.py). Everything is written with `track_times=False` so the same features give
-the same bytes: a resumed extraction is byte-identical to an uninterrupted one.
+The numeric datasets are stored *contiguous* (unchunked, uncompressed): a sample's token rows
+are one byte range at an offset HDF5 reports, so the reader copies them with one `pread` on the
+file's descriptor straight into the caller's buffer: one copy, made by the kernel, with the GIL
+released, and no memory map (a map's pages count in the reader's resident memory for as long as
+it lives, which across a 1M-sample store is the store). h5py reads only the strings and the
+layout. Everything is written with `track_times=False` so the same features give the same
+bytes: a resumed extraction is byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
 
-from edge_glass.features.block import FeatureBlock, ModalityArrays
+from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays
+from edge_glass.features.open_files import ShardCache, open_error
 from edge_glass.utils.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
+STAGE_BYTES_PER_SAMPLE = 64 * 1024
+"""A block whose token rows average at most this per sample is read whole, once (see read_index)."""
 
 
 def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
@@ -36,82 +44,212 @@ def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
         for m, arrays in block.modalities.items():
             g = f.create_group(m)
             g.create_dataset("tokens", data=arrays.tokens, track_times=False)
+            if arrays.scales is not None:
+                g.create_dataset("scales", data=arrays.scales, track_times=False)
             g.create_dataset("offsets", data=arrays.offsets, track_times=False)
             g.create_dataset("pooled", data=arrays.pooled, track_times=False)
         for k, v in attrs.items():
             f.attrs[k] = v
 
 
-class Hdf5Shard:
-    """Read access to one HDF5 feature shard; the file is opened lazily (fork-safe in workers)."""
+class _OpenHdf5:
+    """An open shard: the h5py file (strings) and, per numeric dataset, where its bytes are."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._file: h5py.File | None = None
-        # Dataset handles, looked up once: h5py's name lookup costs ~50 us a call, as much as
-        # reading a small block, and the loader reads every block of every epoch.
-        self._datasets: dict[str, h5py.Dataset] = {}
-        self._text: dict[str, list[str]] = {}
+    def __init__(self, path: Path, expected_bytes: int | None) -> None:
+        self.path = path
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as e:
+            raise open_error(path, e, expected_bytes) from None
+        self.fd = self.file.id.get_vfd_handle()
+        self.size = os.fstat(self.fd).st_size
+        self._arrays: dict[str, tuple[h5py.Dataset, int | None, int]] = {}
 
-    def _open(self) -> h5py.File:
-        if self._file is None:
+    def array(self, name: str) -> tuple[h5py.Dataset, int | None, int]:
+        """(dataset, byte offset when contiguous, bytes per row); looked up once per open."""
+        entry = self._arrays.get(name)
+        if entry is None:
             try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as e:
-                raise UserError(f"{self.path}: cannot open HDF5 feature shard ({e}); re-run extraction with --overwrite") from None
-        return self._file
+                ds = self.file[name]
+            except KeyError:
+                raise UserError(f"{self.path}: no dataset {name!r} (not a shard of this store's layout); "
+                                "re-run extraction with --overwrite") from None
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+            entry = self._arrays[name] = (ds, offset, row_bytes)
+        return entry
 
-    def _ds(self, name: str) -> h5py.Dataset | np.ndarray:
-        """The dataset as a read-only memory map when it is contiguous, else the h5py handle."""
-        ds = self._datasets.get(name)
-        if ds is None:
-            ds = self._open()[name]
-            offset = ds.id.get_offset() if ds.chunks is None and ds.dtype.kind in "fiu" else None
-            if offset is not None and ds.size:
-                # Copy-on-write: the map is writable as far as numpy/torch know (no torch
-                # warning on wrapping it), and nothing is ever written back to the file.
-                # A plain ndarray view: slicing a np.memmap subclass costs ~10 us of Python each.
-                ds = np.memmap(self.path, mode="c", dtype=ds.dtype, offset=offset, shape=ds.shape).view(np.ndarray)
-            self._datasets[name] = ds
-        return ds
+    def rows(self, name: str, first: int, out: np.ndarray) -> None:
+        """Rows [first, first + len(out)) of dataset `name` into `out` (C-contiguous)."""
+        n = len(out)
+        if n == 0:
+            return
+        ds, offset, row_bytes = self.array(name)
+        if first < 0 or first + n > ds.shape[0]:
+            raise UserError(f"{self.path}: rows {first}..{first + n - 1} of {name} are outside its {ds.shape[0]} rows "
+                            "(corrupt offsets); re-run extraction with --overwrite")
+        if offset is None:  # chunked or compressed (not written by Edge Glass): h5py decodes it
+            ds.read_direct(out, np.s_[first : first + n])
+            return
+        start = offset + first * row_bytes
+        try:
+            got = os.preadv(self.fd, [out], start)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot read {name}: {e}") from None
+        if got != n * row_bytes:
+            raise UserError(
+                f"{self.path}: truncated feature shard ({self.size} bytes, {name} needs bytes up to "
+                f"{start + n * row_bytes}); re-run extraction with --overwrite"
+            )
 
-    def _strings(self, name: str) -> list[str]:
-        """A whole string dataset, decoded once: a shard's keys or captions are a few hundred KB,
-        and reading them through h5py block by block cost as much as the feature arrays."""
-        if name not in self._text:
-            self._text[name] = [s.decode() for s in self._open()[name][:]]
-        return self._text[name]
+    def drop_pages(self, name: str, first: int, n: int) -> None:
+        """posix_fadvise(DONTNEED) on rows [first, first + n) of `name`: the kernel may drop them
+        from the page cache (it keeps pages other processes have mapped or dirtied)."""
+        _, offset, row_bytes = self.array(name)
+        if offset is not None and n > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset + first * row_bytes, n * row_bytes, os.POSIX_FADV_DONTNEED)
+
+    def rows_into(self, name: str, runs: list[tuple[int, int, np.ndarray]]) -> None:
+        """For each (first row, count, destination): those rows of `name` into destination[:count].
+        The loader's hot loop: one pread per run, checks on the totals."""
+        ds, offset, row_bytes = self.array(name)
+        if offset is None:
+            for first, n, out in runs:
+                self.rows(name, first, out[:n])
+            return
+        rows = ds.shape[0]
+        want = got = 0
+        preadv = os.preadv
+        try:
+            for first, n, out in runs:
+                if first < 0 or first + n > rows:
+                    self.rows(name, first, out[:n])  # raises the out-of-range error
+                got += preadv(self.fd, [out[:n]], offset + first * row_bytes)
+                want += n * row_bytes
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot read {name}: {e}") from None
+        if got != want:
+            raise UserError(f"{self.path}: truncated feature shard ({self.size} bytes, short read of {name}); "
+                            "re-run extraction with --overwrite")
+
+    def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        ds, _, _ = self.array(name)
+        out = np.empty((max(stop - start, 0), *ds.shape[1:]), dtype=ds.dtype)
+        self.rows(name, start, out)
+        return out
+
+    def strings(self, name: str, start: int, stop: int) -> list[str]:
+        ds, _, _ = self.array(name)
+        try:
+            return [s.decode() for s in ds[start:stop]]
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.path}: corrupt feature shard reading {name} {start}..{stop - 1}: {e}") from None
+
+    def close(self) -> None:
+        self._arrays.clear()
+        self.file.close()
+
+
+class Hdf5Shard:
+    """Read access to one HDF5 feature shard. Holds no open file itself: the split's `ShardCache`
+    does (a bounded number, shared by the loader's threads); a shard made on its own gets a
+    private cache of one."""
+
+    def __init__(self, path: Path, cache: ShardCache | None = None, expected_bytes: int | None = None,
+                 num_samples: int | None = None) -> None:
+        self.path = Path(path)
+        self.expected_bytes = expected_bytes
+        self._num_samples = num_samples
+        self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
+
+    def open(self) -> _OpenHdf5:
+        return _OpenHdf5(self.path, self.expected_bytes)
 
     def __len__(self) -> int:
-        return int(self._ds("keys").shape[0])
+        if self._num_samples is None:
+            with self.cache.use(self) as f:
+                self._num_samples = int(f.array("keys")[0].shape[0])
+        return self._num_samples
 
     @property
     def modalities(self) -> list[str]:
-        return [k for k in self._open().keys() if isinstance(self._open()[k], h5py.Group)]
+        with self.cache.use(self) as f:
+            return [k for k in f.file.keys() if isinstance(f.file[k], h5py.Group)]
 
     def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
-        """Samples [start, stop): one slice per dataset, whatever the lengths. Without
-        `with_meta` the per-sample JSON is left unread (training never looks at it)."""
-        try:
-            keys = self._strings("keys")[start:stop]
-            captions = self._strings("captions")[start:stop]
-            meta = self._strings("meta")[start:stop] if with_meta else [""] * len(keys)
+        """Samples [start, stop) with their token rows, as stored (codes and scales when quantised)."""
+        with self.cache.use(self) as f:
+            keys, captions, meta = _strings(f, start, stop, with_meta)
             arrays = {}
             for m in modalities if modalities is not None else self.modalities:
-                offsets = self._ds(f"{m}/offsets")[start : stop + 1]
-                tokens = self._ds(f"{m}/tokens")[offsets[0] : offsets[-1]]
-                arrays[m] = ModalityArrays(tokens, (offsets - offsets[0]).astype(np.int64), self._ds(f"{m}/pooled")[start:stop])
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"{self.path}: corrupt feature shard reading samples {start}..{stop - 1}: {e}") from None
+                offsets = f.read_array(f"{m}/offsets", start, stop + 1)
+                a, b = int(offsets[0]), int(offsets[-1])
+                scales = f.read_array(f"{m}/scales", a, b) if f"{m}/scales" in f.file else None
+                arrays[m] = ModalityArrays(f.read_array(f"{m}/tokens", a, b), offsets - offsets[0],
+                                           f.read_array(f"{m}/pooled", start, stop), scales)
         return FeatureBlock(keys, captions, meta, arrays)
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._datasets.clear()
-            self._text.clear()
-            self._file.close()
-            self._file = None
+    def read_index(self, start: int, stop: int, modalities: list[str], with_meta: bool) -> "Hdf5BlockIndex":
+        """Samples [start, stop) without their token rows (the loader's view of a block)."""
+        with self.cache.use(self) as f:
+            keys, captions, meta = _strings(f, start, stop, with_meta)
+            lengths, first_rows, pooled, staged = {}, {}, {}, {}
+            for m in modalities:
+                offsets = f.read_array(f"{m}/offsets", start, stop + 1)
+                first_rows[m] = offsets[:-1]
+                lengths[m] = np.diff(offsets)
+                pooled[m] = f.read_array(f"{m}/pooled", start, stop)
+                if (lengths[m] < 0).any():
+                    raise UserError(f"{self.path}: corrupt offsets of {m} in samples {start}..{stop - 1}; "
+                                    "re-run extraction with --overwrite")
+                a, b = int(offsets[0]), int(offsets[-1])
+                if (b - a) * f.array(f"{m}/tokens")[2] <= STAGE_BYTES_PER_SAMPLE * (stop - start):
+                    # Small rows (caption word pieces): one read for the block beats a read per
+                    # sample, whose fixed cost is larger than the copy.
+                    scales = f.read_array(f"{m}/scales", a, b) if f"{m}/scales" in f.file else None
+                    staged[m] = (f.read_array(f"{m}/tokens", a, b), scales)
+        return Hdf5BlockIndex(self, keys, captions, meta, lengths, pooled, first_rows, staged)
 
-    def __getstate__(self) -> dict:
-        # An open h5py handle cannot cross a fork/pickle; workers reopen on first read.
-        return {"path": self.path, "_file": None, "_datasets": {}, "_text": {}}
+
+def _strings(f: _OpenHdf5, start: int, stop: int, with_meta: bool) -> tuple[list[str], list[str], list[str]]:
+    keys = f.strings("keys", start, stop)
+    captions = f.strings("captions", start, stop)
+    meta = f.strings("meta", start, stop) if with_meta else [""] * len(keys)
+    return keys, captions, meta
+
+
+class Hdf5BlockIndex(BlockIndex):
+    def __init__(self, shard: Hdf5Shard, keys, captions, meta, lengths, pooled, first_rows, staged) -> None:
+        self.shard = shard
+        self.keys, self.captions, self.meta = keys, captions, meta
+        self.lengths, self.pooled = lengths, pooled
+        self.first_rows = first_rows
+        self.staged = staged
+        """Per modality with small rows: (token rows, scales or None) of the whole block."""
+
+    def release_pages(self) -> None:
+        with self.shard.cache.use(self.shard) as f:
+            for m, first in self.first_rows.items():
+                if len(first):
+                    rows = int(first[-1] + self.lengths[m][-1] - first[0])
+                    f.drop_pages(f"{m}/tokens", int(first[0]), rows)
+                    if f"{m}/scales" in f.file:
+                        f.drop_pages(f"{m}/scales", int(first[0]), rows)
+
+    def copy_many(self, modality: str, items: Sequence[tuple[int, int]], tokens: np.ndarray,
+                  scales: np.ndarray | None) -> None:
+        first, lengths = self.first_rows[modality], self.lengths[modality]
+        if modality in self.staged:
+            rows, row_scales = self.staged[modality]
+            base = int(first[0]) if len(first) else 0
+            for i, j in items:
+                a, n = int(first[i]) - base, int(lengths[i])
+                tokens[j, :n] = rows[a : a + n]
+                if scales is not None:
+                    scales[j, :n] = row_scales[a : a + n]
+            return
+        # One open-shard lookup for the lot: the loader calls this per block and modality.
+        with self.shard.cache.use(self.shard) as f:
+            for name, out in ((f"{modality}/tokens", tokens), (f"{modality}/scales", scales)):
+                if out is not None:
+                    f.rows_into(name, [(int(first[i]), int(lengths[i]), out[j]) for i, j in items])

@@ -2,6 +2,10 @@
 
     split = open_store("data/features/quickstart", "val")
     split[0]["vision_tokens"].shape, len(split), split.manifest["encoders"]["vision"]["model"]
+
+`read` and iteration give float tokens whatever the store holds (an int8/int4 store is
+dequantised on the way out); the training loader reads the stored codes instead and leaves the
+dequantisation to the model on its device (quantize.py).
 """
 
 from __future__ import annotations
@@ -11,21 +15,35 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from edge_glass.config import Config
-from edge_glass.features.block import FeatureBlock, concat_blocks
+from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, concat_blocks
 from edge_glass.features.hdf5_shard import Hdf5Shard
-from edge_glass.features.manifest import EXTRACT_HINT, load_manifest, split_dir
+from edge_glass.features.manifest import (
+    EXTRACT_HINT,
+    load_manifest,
+    manifest_encoder_fingerprint,
+    pooled_dtype,
+    split_dir,
+    token_dtype,
+)
+from edge_glass.features.open_files import ShardCache, reserve_files
+from edge_glass.features.quantize import TokenLayout, dequantize
 from edge_glass.features.wds_shard import WdsShard, iter_wds_samples
 from edge_glass.utils.errors import UserError
 
 _SHARD_CLASS = {"hdf5": Hdf5Shard, "webdataset": WdsShard}
+DEFAULT_MAX_OPEN_SHARDS = 64
 
 
 class FeatureSplit:
-    """One split of a store: its manifest, its length, random access and iteration."""
+    """One split of a store: its manifest, its length, random access and iteration.
 
-    def __init__(self, store: str | Path, split: str, backend: str | None = None) -> None:
+    At most `max_open_shards` of its shard files are open at once, however many it has."""
+
+    def __init__(self, store: str | Path, split: str, backend: str | None = None,
+                 max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS) -> None:
         self.path = split_dir(store, split)
         self.split = split
         self.manifest = load_manifest(store, split)
@@ -38,8 +56,18 @@ class FeatureSplit:
                 f"add them with: {EXTRACT_HINT} --format {backend}"
             )
         self.backend = backend
+        self.token_dtype = token_dtype(self.manifest)
+        self.pooled_dtype = pooled_dtype(self.manifest)
+        self.encoder_fingerprint = manifest_encoder_fingerprint(self.manifest)
+        # A tar's index holds no descriptor; only HDF5 shards count against the open-file limit.
+        self._files = reserve_files(max_open_shards) if backend == "hdf5" else None
+        self.cache = ShardCache(max_open_shards, lambda shard: shard.open())
         shards = self.manifest["shards"]
-        self.shards = [_SHARD_CLASS[backend](self.path / s["files"][backend]["file"]) for s in shards]
+        cls = _SHARD_CLASS[backend]
+        self.shards = [
+            cls(self.path / s["files"][backend]["file"], self.cache, s["files"][backend].get("bytes"), s["num_samples"])
+            for s in shards
+        ]
         self.shard_sizes = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
 
@@ -59,6 +87,20 @@ class FeatureSplit:
         s = self.manifest["stats"][field]
         return np.asarray(s["mean"], dtype=np.float32), np.asarray(s["std"], dtype=np.float32)
 
+    def token_layout(self, modality: str) -> TokenLayout:
+        return TokenLayout(self.token_dtype, self.field_dim(f"{modality}.tokens"))
+
+    def dequant_params(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """The per-dimension (center, spread) a quantised split's tokens were z-scored with."""
+        try:
+            q = self.manifest["quantization"][modality]
+        except KeyError:
+            raise UserError(
+                f"{self.path}: the manifest says its tokens are {self.token_dtype} but does not say how to dequantise "
+                f"{modality} tokens (no quantization.{modality}); re-convert or re-extract the store"
+            ) from None
+        return np.asarray(q["center"], dtype=np.float32), np.asarray(q["spread"], dtype=np.float32)
+
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, row within shard) of a global sample index."""
         if not 0 <= index < len(self):
@@ -66,8 +108,10 @@ class FeatureSplit:
         shard = int(np.searchsorted(self.shard_starts, index, side="right") - 1)
         return shard, index - int(self.shard_starts[shard])
 
-    def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
-        """Samples [start, stop) of the split, across shard boundaries."""
+    def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True,
+             dequantize: bool = True) -> FeatureBlock:
+        """Samples [start, stop) of the split, across shard boundaries; float tokens unless
+        `dequantize` is False (then int8/int4 codes and their `scales`, as stored)."""
         blocks = []
         pos = start
         while pos < stop:
@@ -75,14 +119,37 @@ class FeatureSplit:
             take = min(stop - pos, int(self.shard_sizes[shard]) - row)
             blocks.append(self.shards[shard].read(row, row + take, modalities, with_meta))
             pos += take
-        return concat_blocks(blocks) if blocks else FeatureBlock([], [], [], {})
+        block = concat_blocks(blocks) if blocks else FeatureBlock([], [], [], {})
+        if dequantize and self.quantized:
+            block = self._dequantized(block)
+        return block
+
+    @property
+    def quantized(self) -> bool:
+        return self.token_dtype in ("int8", "int4")
+
+    def _dequantized(self, block: FeatureBlock) -> FeatureBlock:
+        out = {}
+        for m, a in block.modalities.items():
+            center, spread = self.dequant_params(m)
+            tokens = dequantize(torch.from_numpy(np.ascontiguousarray(a.tokens)), torch.from_numpy(np.ascontiguousarray(a.scales)),
+                                torch.from_numpy(center), torch.from_numpy(spread), self.token_dtype).numpy()
+            out[m] = ModalityArrays(tokens, a.offsets, a.pooled)
+        return FeatureBlock(block.keys, block.captions, block.meta, out)
+
+    def read_index(self, start: int, stop: int, modalities: list[str], with_meta: bool) -> BlockIndex:
+        """Samples [start, stop) of one shard without their token rows (the loader's read)."""
+        shard, row = self.locate(start)
+        if stop - start + row > self.shard_sizes[shard]:
+            raise ValueError(f"samples {start}..{stop - 1} cross a shard boundary")
+        return self.shards[shard].read_index(row, row + stop - start, modalities, with_meta)
 
     def __getitem__(self, index: int) -> dict:
         return _sample(self.read(index, index + 1), 0)
 
     def __iter__(self) -> Iterator[dict]:
         """Every sample in store order, as a dict of arrays (`vision_tokens`, `text_pooled`, ...)."""
-        if self.backend == "webdataset":
+        if self.backend == "webdataset" and not self.quantized:
             for shard, size in zip(self.shards, self.shard_sizes):
                 n = 0
                 for sample in iter_wds_samples(shard.path):
@@ -97,6 +164,10 @@ class FeatureSplit:
             for i in range(len(block)):
                 yield _sample(block, i)
 
+    def close(self) -> None:
+        """Close every open shard file (they reopen on the next read)."""
+        self.cache.close()
+
 
 def _sample(block: FeatureBlock, i: int) -> dict:
     out = {"key": block.keys[i], "caption": block.captions[i], "meta": json.loads(block.meta[i])}
@@ -106,9 +177,10 @@ def _sample(block: FeatureBlock, i: int) -> dict:
     return out
 
 
-def open_store(path: str | Path, split: str = "train", backend: str | None = None) -> FeatureSplit:
+def open_store(path: str | Path, split: str = "train", backend: str | None = None,
+               max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS) -> FeatureSplit:
     """Open one split of a feature store (HDF5 when present, else WebDataset)."""
-    return FeatureSplit(path, split, backend)
+    return FeatureSplit(path, split, backend, max_open_shards)
 
 
 def check_store_matches(split: FeatureSplit, cfg: Config) -> None:
@@ -119,9 +191,12 @@ def check_store_matches(split: FeatureSplit, cfg: Config) -> None:
         if m not in enc:
             raise UserError(f"{split.path} has no {m} features, but model.adapters.{m} needs them; re-extract with: {EXTRACT_HINT}")
         have = enc[m]
-        for key in ("model", "revision", "layer"):
-            if key in have and have[key] != getattr(want, key, have[key]):
+        # Keys a version-1 manifest lacks read as their default (no spatial pooling).
+        for key, default in (("model", None), ("revision", None), ("layer", None), ("pool", 1)):
+            if not hasattr(want, key) or (key not in have and default is None):
+                continue
+            if have.get(key, default) != getattr(want, key):
                 raise UserError(
-                    f"{split.path}: encoders.{m}.{key} is {getattr(want, key)!r} in the config but {have[key]!r} in the store "
-                    f"(store fingerprint {split.manifest['fingerprint']}); re-extract with: {EXTRACT_HINT} --overwrite"
+                    f"{split.path}: encoders.{m}.{key} is {getattr(want, key)!r} in the config but {have.get(key, default)!r} "
+                    f"in the store (encoder fingerprint {split.encoder_fingerprint}); re-extract with: {EXTRACT_HINT} --overwrite"
                 )

@@ -51,14 +51,11 @@ class AlignTask:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move the tensors of a FeatureLoader batch (nested one level) to `device`."""
+    """Move the tensors of a FeatureLoader batch (nested one level) to `device`; anything else
+    (keys, captions, a quantised store's scheme name) stays as it is."""
     non_blocking = device.type == "cuda"
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, dict):
-            out[k] = {kk: vv.to(device, non_blocking=non_blocking) for kk, vv in v.items()}
-        elif isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=non_blocking)
-        else:
-            out[k] = v
-    return out
+
+    def move(v):
+        return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+
+    return {k: {kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v) for k, v in batch.items()}
