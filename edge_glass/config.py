@@ -74,9 +74,19 @@ class DataConfig:
     eval_batch_size: int = 256
     """Samples per rank per forward pass during evaluation (no gradients, so it can be larger)."""
     prefetch_batches: int = 2
-    """Batches a background thread keeps ready per rank (0: load inside the training loop).
-    A thread, not worker processes: the loader reads memory-mapped blocks and its copies release
-    the GIL, and on small machines worker processes measured slower (notes/cpu-stack.md §6)."""
+    """Batches the reader threads keep ready per rank (0: load inside the training loop, no
+    threads). Threads, not worker processes: the loader's copies are `pread`s that release the
+    GIL, and batches then need no pickling between processes."""
+    reader_threads: int | None = None
+    """Threads per rank that make batches (each a whole batch; order and content do not depend on
+    the count, so a resumed run may use another). Null: the cores per rank (1 to 8)."""
+    max_open_shards: int = 64
+    """Most shard files a rank keeps open per split; the least recently used is closed when
+    another is needed. The open-file limit (`ulimit -n`) must leave room for them."""
+    release_pages: bool | None = None
+    """Ask the OS to drop a block's bytes from the page cache once its batches are consumed.
+    Null: only when the split is larger than half the machine's memory (a store that fits stays
+    cached for the next epoch; one that does not would only push everything else out)."""
     store_format: Literal["hdf5", "webdataset"] = "hdf5"
     """Which backend of the feature store training reads (extraction may write both)."""
     read_block_size: int = 64
@@ -85,7 +95,10 @@ class DataConfig:
     """Blocks whose samples are shuffled together (memory: window x block x sample size)."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "micro_batch_size", "eval_batch_size", "read_block_size", "shuffle_window_blocks")
+        _check_positive(self, "micro_batch_size", "eval_batch_size", "read_block_size", "shuffle_window_blocks",
+                        "max_open_shards")
+        if self.reader_threads is not None:
+            _check_positive(self, "reader_threads")
         _check_non_negative(self, "prefetch_batches")
 
 
@@ -103,10 +116,15 @@ class VisionEncoderConfig:
     """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     image_size: int | None = None
     """Resize/crop size fed to the encoder; null uses the image processor's own setting."""
+    pool: int = 1
+    """Average the patch grid over pool x pool windows before storing (2: a 24 x 24 grid of
+    ViT-L/14-336 becomes 12 x 12, 4x fewer tokens, as LLaVA-NeXT / Qwen2-VL-style resamplers
+    merge patches); 1 keeps every patch. The CLS token, when kept, is not pooled."""
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
             _check_positive(self, "image_size")
+        _check_positive(self, "pool")
 
 
 @dataclass
@@ -150,17 +168,37 @@ class EncodersConfig:
     """Frozen audio encoder; null for runs without audio."""
     text: TextEncoderConfig | None = None
     """Frozen caption encoder; null when no modality is aligned to text."""
-    store_dtype: Literal["float16", "float32"] = "float16"
-    """Dtype of features on disk; float16 halves the store and loses nothing the adapters see."""
     batch_size: int = 64
     """Samples per encoder forward pass during extraction."""
+    num_workers: int | None = None
+    """Processes per rank that read, decode and preprocess raw samples during extraction (0: the
+    extracting process does it itself). Null: the cores per rank minus one, at most 8."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size")
+        if self.num_workers is not None:
+            _check_non_negative(self, "num_workers")
 
     def enabled(self) -> list[str]:
         """Names of the modalities that have an encoder, in a fixed order."""
         return [m for m in ("vision", "audio", "text") if getattr(self, m) is not None]
+
+
+@dataclass
+class FeaturesConfig:
+    token_dtype: Literal["float16", "float32", "int8", "int4"] = "float16"
+    """How extraction stores token sequences. int8: one byte a value and one scale per token (half
+    of float16); int4: NF4 codes, half a byte a value, one scale per 64 values (~3.8x smaller than
+    float16). Both quantise per-dimension z-scored values; the model dequantises on its device.
+    BENCHMARKS.md ("Compact token store") has what each costs in retrieval."""
+    pooled_dtype: Literal["float16", "float32"] = "float16"
+    """How extraction stores pooled vectors (one per sample: small next to the tokens)."""
+    calibration_samples: int = 2048
+    """int8/int4: samples (the first of the train split) whose statistics fix the z-score the codes
+    are taken after; recorded in the manifest, shared by every split of the store."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "calibration_samples")
 
 
 @dataclass
@@ -522,6 +560,8 @@ class Config:
     """Stage, length, precision, checkpointing and the DeepSpeed config."""
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     """Frozen encoders run once by `scripts/extract_features.py`."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """How the feature store holds what the encoders compute."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Trainable adapters, the shared space and MRL."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -245,8 +245,9 @@ def test_resume_on_a_store_of_other_encoder_settings_is_refused(tw, refusals_pla
     assert _fingerprint(other_store) != _fingerprint(tw.world.store)
     before = (tw.run_dir(refusals_place) / "metrics.jsonl").read_bytes()
     result = train(refusals_place, tw.config, "--set", f"data.features_dir={other_store}")
-    line = assert_one_line_error(result, "store fingerprint")
-    assert _fingerprint(other_store) in line or _fingerprint(tw.world.store) in line
+    line = assert_one_line_error(result, "encoder fingerprint", "encoders.vision.layer")
+    manifest = json.loads((other_store / "train" / "manifest.json").read_text())
+    assert manifest["encoder_fingerprint"] in line
     assert (tw.run_dir(refusals_place) / "metrics.jsonl").read_bytes() == before  # nothing touched
 
 

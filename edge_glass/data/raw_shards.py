@@ -592,9 +592,15 @@ def decode_sample(raw: dict, url: str = "?") -> RawSample:
         raise UserError(f"{url}: sample {key!r} cannot be decoded: {e}") from e
 
 
+def iter_shard_raw(shard: str | os.PathLike) -> Iterator[dict]:
+    """Every sample of one shard, in order, as the tar holds it (extension -> bytes, `__key__`):
+    reading without decoding is cheap, so extraction's workers can each skip to their batches."""
+    yield from wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+
+
 def iter_shard_samples(shard: str | os.PathLike) -> Iterator[RawSample]:
     """Every sample of one shard, in order, decoded."""
-    for raw in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None):
+    for raw in iter_shard_raw(shard):
         yield decode_sample(raw, str(shard))
 
 

@@ -25,12 +25,15 @@ from edge_glass.utils.errors import UserError
 
 @dataclass
 class EncodedBatch:
-    """Encoder outputs for one batch, on the CPU in float32."""
+    """Encoder outputs for one batch. The arrays stay on the encoder's device in its compute
+    dtype: extraction converts (or quantises) them there and copies only what it stores to the
+    host, once (extract.py). The lengths are known from preprocessing, on the host, so cutting
+    the padding off never waits for the device."""
 
     tokens: torch.Tensor
-    """[B, T, D] token sequence, zero beyond each sample's length."""
+    """[B, T, D] token sequence; what lies beyond each sample's length is undefined."""
     lengths: torch.Tensor
-    """[B] true number of tokens per sample."""
+    """[B] true number of tokens per sample (int64, CPU)."""
     pooled: torch.Tensor
     """[B, P] pooled (or projected) vector per sample."""
 

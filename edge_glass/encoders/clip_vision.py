@@ -35,7 +35,17 @@ class ClipVisionEncoder(FrozenEncoder):
         # Another resolution than the one CLIP was trained at needs interpolated position
         # embeddings (what LLaVA-style 336-px variants do); same size keeps the exact model.
         self.interpolate = self.image_size != native
-        check_layer(cfg.layer, self.model.config.num_hidden_layers, "encoders.vision.layer", cfg.model)
+        layers = self.model.config.num_hidden_layers
+        check_layer(cfg.layer, layers, "encoders.vision.layer", cfg.model)
+        # The stored layer is captured by a hook as the forward passes it, rather than asking for
+        # every hidden state: those would all stay alive until the pooled output is computed
+        # (25 x [B, 577, 1024] for ViT-L). The pooled (projected CLS) vector needs the top layer,
+        # so every layer runs whatever `layer` is.
+        index = cfg.layer % (layers + 1)  # hidden_states[0] is the embeddings, [i] layer i-1's output
+        vm = self.model.vision_model
+        self._captured: list[torch.Tensor] = []
+        source = vm.pre_layrnorm if index == 0 else vm.encoder.layers[index - 1]
+        source.register_forward_hook(lambda module, args, output: self._captured.append(output))
 
     @property
     def token_dim(self) -> int:
@@ -52,12 +62,15 @@ class ClipVisionEncoder(FrozenEncoder):
     @torch.inference_mode()
     def encode(self, prepared: dict[str, Any]) -> EncodedBatch:
         pixels = prepared["pixel_values"].to(self.device, self.dtype, non_blocking=True)
-        out = self.model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=self.interpolate)
-        tokens = out.hidden_states[self.cfg.layer]
-        if not self.cfg.keep_cls:
-            tokens = tokens[:, 1:]
+        self._captured.clear()
+        out = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate)
+        tokens = self._captured.pop()
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        if self.cfg.pool > 1:
+            patches = pool_grid(patches, self.cfg.pool)
+        tokens = torch.cat([cls, patches], dim=1) if self.cfg.keep_cls else patches
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
-        return EncodedBatch(tokens.float().cpu(), lengths, out.image_embeds.float().cpu())
+        return EncodedBatch(tokens, lengths, out.image_embeds)
 
     def describe(self) -> dict[str, Any]:
         p = self.processor
@@ -68,6 +81,7 @@ class ClipVisionEncoder(FrozenEncoder):
             "weights": self.weights,
             "layer": self.cfg.layer,
             "keep_cls": self.cfg.keep_cls,
+            "pool": self.cfg.pool,
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "preprocessing": {
                 "image_size": self.image_size,
@@ -79,6 +93,18 @@ class ClipVisionEncoder(FrozenEncoder):
                 "alpha": "composited on white",
             },
         }
+
+
+def pool_grid(patches: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B, g*g, D] patch tokens of a square grid -> [B, ceil(g/pool)^2, D], each the mean of a
+    pool x pool window (edge windows of an odd grid average the patches they cover)."""
+    b, n, d = patches.shape
+    g = int(round(n**0.5))
+    if g * g != n:
+        raise ValueError(f"encoders.vision.pool: {n} patch tokens are not a square grid")
+    grid = patches.reshape(b, g, g, d).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.avg_pool2d(grid, pool, stride=pool, ceil_mode=True)
+    return pooled.flatten(2).transpose(1, 2)
 
 
 def _plain(size) -> dict | int | None:

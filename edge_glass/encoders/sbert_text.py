@@ -39,11 +39,10 @@ class SentenceTransformerTextEncoder(FrozenEncoder):
 
     @torch.inference_mode()
     def encode(self, prepared: dict[str, Any]) -> EncodedBatch:
+        lengths = prepared["attention_mask"].sum(1).to(torch.long)  # host tensor: no device sync
         features = {k: v.to(self.device, non_blocking=True) for k, v in prepared.items()}
         out = self.model(features)
-        mask = features["attention_mask"].cpu()
-        tokens = out["token_embeddings"].float().cpu() * mask[..., None]
-        return EncodedBatch(tokens, mask.sum(1).to(torch.long), out["sentence_embedding"].float().cpu())
+        return EncodedBatch(out["token_embeddings"], lengths, out["sentence_embedding"])
 
     def describe(self) -> dict[str, Any]:
         modules = [type(m).__name__ for m in self.model]

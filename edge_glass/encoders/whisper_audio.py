@@ -52,9 +52,17 @@ class WhisperAudioEncoder(FrozenEncoder):
             encoder.max_source_positions = positions
         self.window_positions = positions
         self.window_samples = positions * _CONV_STRIDE * int(round(_HOP_SECONDS * self.rate))
+        layers = encoder.config.encoder_layers
+        check_layer(cfg.layer, layers, "encoders.audio.layer", cfg.model)
+        index = cfg.layer % (layers + 1)
+        if index < layers:
+            # hidden_states[i] (i < layers) is the output of layer i-1 before the final layer
+            # norm: run only those layers, and no norm. The top layers would be computed for
+            # nothing (the pooled vector is the mean of the stored frames).
+            encoder.layers = encoder.layers[:index]
+            encoder.layer_norm = torch.nn.Identity()
         self.encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
         del model  # the decoder is never used; drop it before extraction allocates batches
-        check_layer(cfg.layer, self.encoder.config.encoder_layers, "encoders.audio.layer", cfg.model)
 
     @property
     def token_dim(self) -> int:
@@ -84,13 +92,11 @@ class WhisperAudioEncoder(FrozenEncoder):
     @torch.inference_mode()
     def encode(self, prepared: dict[str, Any]) -> EncodedBatch:
         feats = prepared["input_features"].to(self.device, self.dtype, non_blocking=True)
-        out = self.encoder(feats, output_hidden_states=self.cfg.layer != -1)
-        tokens = out.last_hidden_state if self.cfg.layer == -1 else out.hidden_states[self.cfg.layer]
-        tokens = tokens.float().cpu()
+        tokens = self.encoder(feats).last_hidden_state
         lengths = prepared["lengths"].to(torch.long)
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        tokens = tokens * mask[..., None]
-        return EncodedBatch(tokens, lengths, masked_mean(tokens, lengths))
+        # The mean in float32: a bf16 sum over up to 1500 frames would lose the low bits.
+        pooled = masked_mean(tokens.float(), lengths.to(tokens.device))
+        return EncodedBatch(tokens, lengths, pooled)
 
     def describe(self) -> dict[str, Any]:
         return {

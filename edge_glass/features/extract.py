@@ -6,44 +6,55 @@ written under a temporary name and renamed, then its record (`shard-NNNNNN.json`
 last, so a shard is complete exactly when its record exists: a re-run after kill -9 at any
 moment skips complete shards, deletes stale temporaries and redoes the rest. Batches never span
 two shards, so a redone shard is computed exactly as it would have been in one go.
+
+The pipeline, per rank, keeps the encoders busy:
+
+    worker processes         extracting thread (device)                  writer thread
+    read, decode,     ->     encode, cut padding, convert or quantise,  -> collect the shard,
+    preprocess               per-dimension sums; one async copy of what     write, hash, record
+    (prepared_batches.py)    is stored to page-locked host memory           (shard_writer.py)
+
+Only what is stored crosses to the host, in its stored dtype (float16, or int8/int4 codes and
+their scales): a fraction of the float32 hidden states the first version copied.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from edge_glass import __version__
 from edge_glass.config import Config
-from edge_glass.data.raw_shards import iter_shard_samples, list_shards
-from edge_glass.encoders.base import FrozenEncoder
-from edge_glass.features.block import FeatureBlock, ModalityArrays
-from edge_glass.features.hdf5_shard import write_hdf5_shard
+from edge_glass.data.raw_shards import list_shards
+from edge_glass.encoders.base import EncodedBatch, FrozenEncoder
 from edge_glass.features.manifest import (
     EXTRACTION,
     FORMAT_SUFFIX,
     FORMAT_VERSION,
     MANIFEST,
     differences,
+    encoder_fingerprint,
     fingerprint,
     read_json,
     shard_stem,
     split_dir,
 )
-from edge_glass.features.stats import RunningMoments
-from edge_glass.features.wds_shard import write_wds_shard
+from edge_glass.features.prepared_batches import default_num_workers, prepared_batches
+from edge_glass.features.quantize import QUANTIZED, floor_spread, quantize
+from edge_glass.features.shard_writer import ShardWriter, StoredBatch
+from edge_glass.features.stats import RunningMoments, row_sums
 from edge_glass.utils import distributed as D
 from edge_glass.utils.errors import UserError
-from edge_glass.utils.io import atomic_path, sha256_file, write_text_atomic
-from edge_glass.utils.prefetch import prefetch
+from edge_glass.utils.io import write_text_atomic
 from edge_glass.utils.progress import progress_bar
 
-_NP_DTYPE = {"float16": np.float16, "float32": np.float32}
+_FLOAT = {"float16": torch.float16, "float32": torch.float32}
+QUANTIZATION = "quantization.json"
+"""Store-level record of the z-score int8/int4 codes are taken after (every split shares it)."""
 
 
 def config_splits(cfg: Config) -> list[str]:
@@ -58,39 +69,165 @@ def extract_store(
     batch_size: int | None = None,
     overwrite: bool = False,
     splits: Sequence[str] | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, Path]:
     """Extract every split of `cfg` into `cfg.data.features_dir`; returns split -> manifest path.
 
     Call on every rank when launched distributed (the process group must be initialised).
-    """
+    `num_workers` (preprocessing processes) defaults to `encoders.num_workers` of the config."""
     if not encoders:
         raise UserError("encoders: no encoder is configured, so there is nothing to extract")
     unknown = set(formats) - set(FORMAT_SUFFIX)
     if unknown or not formats:
         raise UserError(f"--format: expected webdataset, hdf5 or both, got {sorted(unknown) or 'nothing'}")
     described = {m: e.describe() for m, e in encoders.items()}
+    batch = batch_size or cfg.encoders.batch_size
+    quantization = None
+    if cfg.features.token_dtype in QUANTIZED:
+        quantization = _quantization(cfg, encoders, described, batch, overwrite)
+    storage = {"token_dtype": cfg.features.token_dtype, "pooled_dtype": cfg.features.pooled_dtype,
+               "quantization": quantization}
     settings = {
-        "fingerprint": fingerprint(described, cfg.encoders.store_dtype),
+        "fingerprint": fingerprint(described, storage),
+        "encoder_fingerprint": encoder_fingerprint(described),
         "format_version": FORMAT_VERSION,
-        "store_dtype": cfg.encoders.store_dtype,
+        "token_dtype": cfg.features.token_dtype,
+        "pooled_dtype": cfg.features.pooled_dtype,
         "encoders": described,
     }
-    batch = batch_size or cfg.encoders.batch_size
+    if quantization is not None:
+        settings["quantization"] = quantization
+    workers = num_workers if num_workers is not None else cfg.encoders.num_workers
+    workers = default_num_workers() if workers is None else workers
     manifests = {}
     for split in splits or config_splits(cfg):
-        manifests[split] = _extract_split(cfg, split, encoders, settings, list(formats), batch, overwrite)
+        manifests[split] = _extract_split(cfg, split, encoders, settings, list(formats), batch, overwrite, workers)
     return manifests
 
 
-def _extract_split(
-    cfg: Config,
-    split: str,
-    encoders: dict[str, FrozenEncoder],
-    settings: dict,
-    formats: list[str],
-    batch_size: int,
-    overwrite: bool,
-) -> Path:
+# --- what is stored, computed on the encoders' device ---------------------------------------------
+
+
+def flat_rows(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] padded tokens -> [sum of lengths, D] true-length rows, sample after sample.
+    The row index is built on the host from the host lengths: no wait for the device."""
+    b, t, d = tokens.shape
+    if bool((lengths == t).all()):
+        return tokens.reshape(b * t, d)
+    keep = (torch.arange(t)[None, :] < lengths[:, None]).reshape(-1)
+    index = torch.nonzero(keep).squeeze(1).to(tokens.device, non_blocking=True)
+    return tokens.reshape(b * t, d).index_select(0, index)
+
+
+def stored_arrays(res: EncodedBatch, modality: str, token_dtype: str, pooled_dtype: str,
+                  zscore: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> dict:
+    """One modality's batch as stored, on the device: tokens (float or codes), scales, pooled,
+    and the per-dimension sums of the stored values (of the float16 values a quantised store
+    codes, so its statistics equal those of the float16 store of the same features).
+    `zscore`: per modality the (center, spread) codes are taken after, on the device."""
+    rows = flat_rows(res.tokens, res.lengths)
+    reference = rows.to(_FLOAT.get(token_dtype, torch.float16))
+    scales = None
+    if token_dtype in QUANTIZED:
+        tokens, scales = quantize(reference, *zscore[modality], token_dtype)
+    else:
+        tokens = reference
+    pooled = res.pooled.to(_FLOAT[pooled_dtype])
+    sums = {f"{modality}.tokens": row_sums(reference), f"{modality}.pooled": row_sums(pooled)}
+    return {"tokens": tokens, "scales": scales, "pooled": pooled, "sums": sums}
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued (page-locked destination); host tensors as they are."""
+    if t.device.type == "cpu":
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def zscore_tensors(quantization: dict | None, device: torch.device) -> dict | None:
+    """The manifest's quantisation statistics as tensors on `device`, once per split."""
+    if quantization is None:
+        return None
+    return {m: (torch.tensor(q["center"], dtype=torch.float32, device=device),
+                torch.tensor(q["spread"], dtype=torch.float32, device=device)) for m, q in quantization.items()}
+
+
+def encode_batch(item: dict, encoders: dict[str, FrozenEncoder], token_dtype: str, pooled_dtype: str,
+                 zscore: dict | None) -> StoredBatch:
+    """A prepared batch through every encoder; what is stored, on its way to the host."""
+    tokens, lengths, scales, pooled, sums, dims = {}, {}, {}, {}, {}, {}
+    device = None
+    for m, enc in encoders.items():
+        res = enc.encode(item["inputs"][m])
+        device = res.tokens.device
+        arrays = stored_arrays(res, m, token_dtype, pooled_dtype, zscore)
+        tokens[m] = _to_host(arrays["tokens"])
+        scales[m] = None if arrays["scales"] is None else _to_host(arrays["scales"])
+        pooled[m] = _to_host(arrays["pooled"])
+        sums.update({f: _to_host(v) for f, v in arrays["sums"].items()})
+        lengths[m] = res.lengths.numpy()
+        dims[m] = int(res.tokens.shape[2])
+    ready = None
+    if device is not None and device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return StoredBatch(item["keys"], item["captions"], item["meta"], tokens, lengths, scales, pooled, sums, dims, ready)
+
+
+# --- quantisation statistics ----------------------------------------------------------------------
+
+
+def _quantization(cfg: Config, encoders: dict[str, FrozenEncoder], described: dict, batch_size: int,
+                  overwrite: bool) -> dict:
+    """The store's per-modality (center, spread) for int8/int4 codes: read from the store, or
+    (rank 0) computed from the first `features.calibration_samples` of the train split."""
+    path = Path(cfg.data.features_dir) / QUANTIZATION
+    want = {"encoder_fingerprint": encoder_fingerprint(described), "samples": cfg.features.calibration_samples}
+    if D.rank() == 0:
+        existing = read_json(path) if path.is_file() and not overwrite else None
+        if existing is not None and {k: existing.get(k) for k in want} != want:
+            raise UserError(
+                f"{path}: the store's int8/int4 codes were calibrated for other encoders or settings; "
+                "re-run with --overwrite to replace the store"
+            )
+        if existing is None:
+            stats = calibrate(cfg, encoders, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({**want, "modalities": stats}, indent=1))
+    D.barrier()
+    return read_json(path)["modalities"]
+
+
+def calibrate(cfg: Config, encoders: dict[str, FrozenEncoder], batch_size: int) -> dict:
+    """Per-dimension mean and floored std of the token rows of the train split's first samples."""
+    want = cfg.features.calibration_samples
+    raw_dir = Path(cfg.data.raw_dir) / cfg.data.splits.train
+    moments: dict[str, RunningMoments] = {}
+    seen = 0
+    shards = [(i, p) for i, p in enumerate(list_shards(raw_dir))]
+    for item in prepared_batches(shards, batch_size, encoders, num_workers=0):
+        for m, enc in encoders.items():
+            res = enc.encode(item["inputs"][m])
+            sums = row_sums(flat_rows(res.tokens, res.lengths).to(torch.float16)).cpu().numpy()
+            moments.setdefault(m, RunningMoments(sums.shape[1])).add(int(sums[0, 0]), sums[1], sums[2])
+        seen += len(item["keys"])
+        if seen >= want:
+            break
+    out = {}
+    for m, mom in moments.items():
+        mean, std = mom.mean_std()
+        spread = floor_spread(torch.from_numpy(std))
+        out[m] = {"center": [float(v) for v in mean.astype(np.float32)], "spread": [float(v) for v in spread]}
+    return out
+
+
+# --- splits and shards ----------------------------------------------------------------------------
+
+
+def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], settings: dict, formats: list[str],
+                   batch_size: int, overwrite: bool, num_workers: int) -> Path:
     raw_shards = list_shards(Path(cfg.data.raw_dir) / split)
     out = split_dir(cfg.data.features_dir, split)
     rank, world = D.rank(), D.world_size()
@@ -104,9 +241,32 @@ def _extract_split(
     counts = _raw_counts(raw_shards)
     total = sum(counts.get(i, 0) for i in todo) * world if counts else None  # rank 0's share, scaled
     skipped = len(mine) - len(todo)
-    with progress_bar(f"extract {split}", total, enabled=rank == 0) as bar:
-        for i in todo:
-            _extract_shard(raw_shards[i], out, i, encoders, settings, formats, batch_size, cfg.encoders.store_dtype, bar, world)
+    device = next(iter(encoders.values())).device
+    items = prepared_batches([(i, raw_shards[i]) for i in todo], batch_size, encoders, num_workers,
+                             pin_memory=device.type == "cuda")
+    zscore = zscore_tensors(settings.get("quantization"), device)
+    writer = ShardWriter(out, formats, settings)
+    expected = iter(todo)
+    current = None
+    try:
+        with progress_bar(f"extract {split}", total, enabled=rank == 0) as bar:
+            for item in items:
+                if item["shard"] != current:
+                    if current is not None:
+                        writer.end()
+                    current = _next_shard(expected, item["shard"], raw_shards)
+                    writer.begin(current, raw_shards[current])
+                writer.add(encode_batch(item, encoders, settings["token_dtype"], settings["pooled_dtype"], zscore))
+                bar.advance(len(item["keys"]) * world)
+            if current is not None:
+                writer.end()
+            leftover = next(expected, None)
+            if leftover is not None:
+                raise UserError(f"{raw_shards[leftover]}: raw shard holds no samples")
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
     D.barrier()
     if rank == 0:
         _write_manifest(out, split, raw_shards, settings, cfg.data.raw_dir)
@@ -116,13 +276,24 @@ def _extract_split(
     return out / MANIFEST
 
 
+def _next_shard(expected, shard: int, raw_shards: list[Path]) -> int:
+    """The next shard of the rank's list; a shard skipped over had no samples."""
+    nxt = next(expected, None)
+    if nxt is not None and nxt != shard:
+        raise UserError(f"{raw_shards[nxt]}: raw shard holds no samples")
+    return shard
+
+
 def _refuse_mismatch(out: Path, settings: dict, overwrite: bool) -> None:
     """Every rank checks (read-only), so a refusal stops all of them, not only rank 0."""
     record = out / EXTRACTION
     if record.is_file() and not overwrite:
         old = read_json(record)
         if old.get("fingerprint") != settings["fingerprint"]:
-            changed = ", ".join(f"encoders.{d}" for d in differences(old.get("encoders"), settings["encoders"])) or "store settings"
+            changed = ", ".join(f"encoders.{d}" for d in differences(old.get("encoders"), settings["encoders"]))
+            if not changed:
+                changed = ", ".join(k for k in ("token_dtype", "pooled_dtype", "quantization", "format_version")
+                                    if old.get(k) != settings.get(k)) or "store settings"
             raise UserError(
                 f"{out} holds features of other encoders or settings (store fingerprint {old.get('fingerprint')}, "
                 f"this config {settings['fingerprint']}; differs in {changed}); re-run with --overwrite to replace them"
@@ -163,116 +334,6 @@ def _raw_counts(raw_shards: list[Path]) -> dict[int, int]:
     return {i: by_name[p.name] for i, p in enumerate(raw_shards) if p.name in by_name}
 
 
-def _batched(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for s in samples:
-        batch.append(s)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _encoder_inputs(modality: str, batch: list[dict], path: Path) -> list[Any]:
-    field = {"vision": "image", "audio": "audio", "text": "caption"}[modality]
-    missing = [s["key"] for s in batch if s.get(field) is None]
-    if missing:
-        raise UserError(f"{path}: sample {missing[0]!r} has no {field}, but encoders.{modality} is configured")
-    if modality == "audio":
-        return [(s["audio"], s["sample_rate"]) for s in batch]
-    return [s[field] for s in batch]
-
-
-def _extract_shard(
-    raw_path: Path,
-    out: Path,
-    index: int,
-    encoders: dict[str, FrozenEncoder],
-    settings: dict,
-    formats: list[str],
-    batch_size: int,
-    store_dtype: str,
-    bar: Any,
-    world: int,
-) -> None:
-    stem = shard_stem(index)
-    np_dtype = _NP_DTYPE[store_dtype]
-    keys: list[str] = []
-    captions: list[str] = []
-    meta: list[str] = []
-    parts: dict[str, dict[str, list]] = {m: {"tokens": [], "lengths": [], "pooled": []} for m in encoders}
-    moments: dict[str, RunningMoments] = {}
-
-    def prepared(batches: Iterator[list[dict]]) -> Iterator[tuple[list[dict], dict]]:
-        # CPU preprocessing for batch k+1 runs in the prefetch thread while batch k encodes.
-        for b in batches:
-            yield b, {m: e.prepare(_encoder_inputs(m, b, raw_path)) for m, e in encoders.items()}
-
-    started = time.perf_counter()
-    for samples, inputs in prefetch(prepared(_batched(iter_shard_samples(raw_path), batch_size)), depth=2):
-        keys += [s["key"] for s in samples]
-        captions += [s["caption"] for s in samples]
-        meta += [json.dumps(s["json"], sort_keys=True) for s in samples]
-        for m, enc in encoders.items():
-            res = enc.encode(inputs[m])
-            lengths = res.lengths.numpy()
-            mask = torch.arange(res.tokens.shape[1])[None, :] < res.lengths[:, None]
-            tokens = res.tokens[mask].numpy().astype(np_dtype)  # true-length rows, flat
-            pooled = res.pooled.numpy().astype(np_dtype)
-            parts[m]["tokens"].append(tokens)
-            parts[m]["lengths"].append(lengths)
-            parts[m]["pooled"].append(pooled)
-            for field, rows in ((f"{m}.tokens", tokens), (f"{m}.pooled", pooled)):
-                moments.setdefault(field, RunningMoments(rows.shape[1])).update(rows)
-        bar.advance(len(samples) * world)
-    if not keys:
-        raise UserError(f"{raw_path}: raw shard holds no samples")
-
-    modalities = {}
-    for m, p in parts.items():
-        lengths = np.concatenate(p["lengths"])
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        modalities[m] = ModalityArrays(np.concatenate(p["tokens"]), offsets, np.concatenate(p["pooled"]))
-    block = FeatureBlock(keys, captions, meta, modalities)
-
-    files = {}
-    for fmt in formats:
-        final = out / f"{stem}{FORMAT_SUFFIX[fmt]}"
-        with atomic_path(final) as tmp:
-            if fmt == "hdf5":
-                write_hdf5_shard(tmp, block, {"format_version": FORMAT_VERSION, "fingerprint": settings["fingerprint"]})
-            else:
-                write_wds_shard(tmp, block)
-        files[fmt] = {"file": final.name, "sha256": sha256_file(final), "bytes": final.stat().st_size}
-    old_record = out / f"{stem}.json"
-    if old_record.is_file():
-        prev = read_json(old_record)
-        if prev.get("fingerprint") == settings["fingerprint"]:
-            for fmt, entry in prev.get("files", {}).items():
-                if fmt not in files and (out / entry["file"]).is_file():
-                    files[fmt] = entry
-    files = dict(sorted(files.items()))
-    record = {
-        "name": stem,
-        "raw_shard": raw_path.name,
-        "num_samples": len(keys),
-        "fingerprint": settings["fingerprint"],
-        "files": files,
-        "fields": {
-            f"{m}.{kind}": {"dim": int(a.tokens.shape[1] if kind == "tokens" else a.pooled.shape[1]), "max_length": int(a.lengths.max())}
-            if kind == "tokens"
-            else {"dim": int(a.pooled.shape[1])}
-            for m, a in modalities.items()
-            for kind in ("tokens", "pooled")
-        },
-        "moments": {k: v.to_json() for k, v in moments.items()},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_text_atomic(out / f"{stem}.json", json.dumps(record, sort_keys=True))
-
-
 def _write_manifest(out: Path, split: str, raw_shards: list[Path], settings: dict, raw_dir: str) -> None:
     records = []
     for i in range(len(raw_shards)):
@@ -291,7 +352,8 @@ def _write_manifest(out: Path, split: str, raw_shards: list[Path], settings: dic
                 moments[field] = RunningMoments.from_json(m)
     fields = {}
     for field, spec in records[0]["fields"].items():
-        entry = {"dim": spec["dim"], "dtype": settings["store_dtype"]}
+        dtype = settings["token_dtype"] if field.endswith(".tokens") else settings["pooled_dtype"]
+        entry = {"dim": spec["dim"], "dtype": dtype}
         if "max_length" in spec:
             entry["max_length"] = max(r["fields"][field]["max_length"] for r in records)
         fields[field] = entry
@@ -304,7 +366,9 @@ def _write_manifest(out: Path, split: str, raw_shards: list[Path], settings: dic
         "edge_glass_version": __version__,
         "split": split,
         "fingerprint": settings["fingerprint"],
-        "store_dtype": settings["store_dtype"],
+        "encoder_fingerprint": settings["encoder_fingerprint"],
+        "token_dtype": settings["token_dtype"],
+        "pooled_dtype": settings["pooled_dtype"],
         "encoders": settings["encoders"],
         "formats": formats,
         "fields": fields,
@@ -313,5 +377,6 @@ def _write_manifest(out: Path, split: str, raw_shards: list[Path], settings: dic
         "source": {"raw_dir": str(raw_dir)},
         "stats": stats,
     }
+    if "quantization" in settings:
+        manifest["quantization"] = settings["quantization"]
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
-

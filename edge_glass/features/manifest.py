@@ -6,9 +6,16 @@
     <store>/<split>/extraction.json            encoders and settings the split is made with
     <store>/<split>/manifest.json              written last, by rank 0, when every shard is done
 
-The fingerprint hashes everything that changes feature values (encoder ids, weight hashes,
-layers, preprocessing, store dtype, format version); training refuses a store whose
-fingerprint or fields differ from what its config asks for.
+Two fingerprints. The *encoder* fingerprint hashes what the frozen encoders compute (ids, weight
+hashes, layers, preprocessing, spatial pooling): two stores with the same encoder fingerprint
+hold the same features, whatever their storage, so a model trained on one may read the other.
+The *store* fingerprint adds how the values are stored (token and pooled dtypes, quantisation
+statistics, format version): an exact resume needs the same store fingerprint, because the
+bytes the model reads must not change under it.
+
+Format versions: 1 stored every field as `store_dtype` (float16/float32); 2 adds `token_dtype`,
+`pooled_dtype` and, for int8/int4 tokens, `quantization` (see quantize.py). Version 1 stores
+are read as float stores of version 2.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from typing import Any
 
 from edge_glass.utils.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 EXTRACTION = "extraction.json"
 FORMAT_SUFFIX = {"hdf5": ".h5", "webdataset": ".tar"}
@@ -35,14 +43,33 @@ def split_dir(store: str | Path, split: str) -> Path:
     return Path(store) / split
 
 
-def fingerprint(encoders: dict[str, Any], store_dtype: str) -> str:
-    """Short stable hash of what determines the stored values."""
-    canonical = json.dumps(
-        {"format_version": FORMAT_VERSION, "encoders": encoders, "store_dtype": store_dtype},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encoder_fingerprint(encoders: dict[str, Any]) -> str:
+    """Short stable hash of what the encoders compute (the manifest's `encoders` section)."""
+    return _digest({"encoders": encoders})
+
+
+def fingerprint(encoders: dict[str, Any], storage: dict[str, Any]) -> str:
+    """Short stable hash of everything that determines the stored bytes' values."""
+    return _digest({"format_version": FORMAT_VERSION, "encoders": encoders, "storage": storage})
+
+
+def token_dtype(manifest: dict) -> str:
+    """How the split stores token sequences (float16, float32, int8 or int4)."""
+    return manifest.get("token_dtype") or manifest["store_dtype"]
+
+
+def pooled_dtype(manifest: dict) -> str:
+    return manifest.get("pooled_dtype") or manifest["store_dtype"]
+
+
+def manifest_encoder_fingerprint(manifest: dict) -> str:
+    """The split's encoder fingerprint (version-1 manifests did not record it: computed)."""
+    return manifest.get("encoder_fingerprint") or encoder_fingerprint(manifest["encoders"])
 
 
 def read_json(path: Path) -> dict:
@@ -60,10 +87,10 @@ def load_manifest(store: str | Path, split: str) -> dict:
         state = "is incomplete (extraction did not finish)" if partial else "does not exist"
         raise UserError(f"feature store {path.parent} {state}; make it with: {EXTRACT_HINT}")
     manifest = read_json(path)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise UserError(
-            f"{path}: store format {manifest.get('format_version')} is not the supported {FORMAT_VERSION}; "
-            f"re-extract with: {EXTRACT_HINT} --overwrite"
+            f"{path}: store format {manifest.get('format_version')} is not one this version reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}); re-extract with: {EXTRACT_HINT} --overwrite"
         )
     return manifest
 

@@ -10,6 +10,7 @@ result does not depend on how many ranks did the extraction.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class RunningMoments:
@@ -20,11 +21,15 @@ class RunningMoments:
         self.sum = np.zeros(dim, dtype=np.float64)
         self.sumsq = np.zeros(dim, dtype=np.float64)
 
+    def add(self, count: int, total: np.ndarray, total_sq: np.ndarray) -> None:
+        """Fold in the sums of `count` more rows (see `row_sums`)."""
+        self.count += count
+        self.sum += total
+        self.sumsq += total_sq
+
     def update(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.float64)
-        self.count += rows.shape[0]
-        self.sum += rows.sum(axis=0)
-        self.sumsq += np.square(rows).sum(axis=0)
+        sums = row_sums(torch.from_numpy(np.ascontiguousarray(rows))).numpy()
+        self.add(int(sums[0, 0]), sums[1], sums[2])
 
     def merge(self, other: "RunningMoments") -> None:
         self.count += other.count
@@ -46,3 +51,12 @@ class RunningMoments:
         m.sum = np.asarray(data["sum"], dtype=np.float64)
         m.sumsq = np.asarray(data["sumsq"], dtype=np.float64)
         return m
+
+
+def row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """[3, D] float64 on the rows' device: the row count (in every column), the per-dimension
+    sum and the sum of squares of `rows` [N, D]. Computed where the rows are (the extraction's
+    device), so only 3 x D numbers travel to the host per batch."""
+    x = rows.double()
+    count = torch.full_like(x[:1].sum(0), float(x.shape[0]))
+    return torch.stack([count, x.sum(0), (x * x).sum(0)])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_glass.config import AdapterConfig
+from edge_glass.features.quantize import dequantize_features
 
 
 class Standardize(nn.Module):
@@ -212,7 +213,9 @@ class ModalityAdapter(nn.Module):
 
     def _tokens(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = features["mask"]
-        tokens = self._input(features["tokens"])
+        # An int8/int4 store's codes are dequantised here, on the model's device: the loader and
+        # the host-to-device copy move a half or a quarter of the float16 bytes.
+        tokens = self._input(dequantize_features(features))
         # Padded positions are zero in the store but become -mean/std here; zero them again
         # so nothing downstream depends on what padding holds (attention masks them too).
         return tokens * mask.unsqueeze(-1), mask

@@ -23,7 +23,7 @@ import torch
 
 from edge_glass.config import Config, config_to_dict, load_config
 from edge_glass.features.loader import FeatureLoader
-from edge_glass.features.manifest import differences, load_manifest
+from edge_glass.features.manifest import differences, load_manifest, manifest_encoder_fingerprint
 from edge_glass.features.store import FeatureSplit
 from edge_glass.models.alignment import FeatureInfo
 from edge_glass.training import checkpoint as ckpt
@@ -48,7 +48,7 @@ def build_instruct_model(cfg: Config, manifest: dict, init_checkpoint: str | Non
     features = {m: FeatureInfo.from_manifest(stats_manifest, m) for m in cfg.model.adapters.enabled()}
     model = InstructModel(cfg, features)
     if init_checkpoint is not None:
-        _load_adapters(model, Path(init_checkpoint), manifest["fingerprint"])
+        _load_adapters(model, Path(init_checkpoint), manifest_encoder_fingerprint(manifest))
     return model
 
 
@@ -76,12 +76,17 @@ def resolve_init_checkpoint(cfg: Config) -> str | None:
     return str(resolve_checkpoint(run, "best"))
 
 
-def _load_adapters(model: InstructModel, checkpoint: Path, store_fingerprint: str) -> None:
+def _load_adapters(model: InstructModel, checkpoint: Path, encoder_fp: str) -> None:
+    """The align run's adapters; their store and this one must hold the same encoders' features
+    (how each stores them, float16 or int8/int4, may differ: the model dequantises either)."""
     meta = ckpt.read_meta(checkpoint)
-    if meta["store_fingerprint"] != store_fingerprint:
+    theirs = meta.get("encoder_fingerprint")
+    if theirs is None:  # checkpoints written before stores had an encoder fingerprint
+        theirs = manifest_encoder_fingerprint(_align_manifest(checkpoint))
+    if theirs != encoder_fp:
         raise UserError(
-            f"train.init_from: {checkpoint} was trained on features of other encoders (store fingerprint "
-            f"{meta['store_fingerprint']}, this store {store_fingerprint}); extract both stores with the same encoders"
+            f"train.init_from: {checkpoint} was trained on features of other encoders (encoder fingerprint "
+            f"{theirs}, this store {encoder_fp}); extract both stores with the same encoders"
         )
     state = {k: v for k, v in fp32_state_dict(checkpoint).items() if k.startswith("adapters.")}
     needed = [n for n, _ in model.align.named_parameters() if any(n.startswith(f"adapters.{m}.") for m in model.prefix_modalities)]

@@ -39,7 +39,7 @@ from edge_glass.utils.progress import progress_bar
 RESUMABLE_FIELDS = (
     "train.max_steps", "train.epochs", "train.eval_interval", "train.save_interval", "train.keep_last",
     "train.log_interval", "train.deepspeed", "train.monitor", "data.prefetch_batches", "data.eval_batch_size",
-    "eval.",
+    "data.reader_threads", "data.max_open_shards", "data.release_pages", "eval.",
     # Where the store lives may change; what it holds is checked by its fingerprint.
     "data.features_dir",
 )
@@ -174,8 +174,8 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     rank, world = D.rank(), D.world_size()
     run_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
 
-    train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
-    val_split = open_store(cfg.data.features_dir, cfg.data.splits.val, cfg.data.store_format)
+    train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format, cfg.data.max_open_shards)
+    val_split = open_store(cfg.data.features_dir, cfg.data.splits.val, cfg.data.store_format, cfg.data.max_open_shards)
     for split in (train_split, val_split):
         check_store_matches(split, cfg)
     store_fp = train_split.manifest["fingerprint"]
@@ -204,7 +204,8 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
     loader = FeatureLoader(
         train_split, cfg.data.micro_batch_size, modalities=task.modalities, seed=cfg.experiment.seed,
         rank=rank, world_size=world, block_size=cfg.data.read_block_size, window_blocks=cfg.data.shuffle_window_blocks,
-        prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda", **task.loader_options,
+        prefetch_batches=cfg.data.prefetch_batches, reader_threads=cfg.data.reader_threads, reuse_buffers=True,
+        release_pages=cfg.data.release_pages, pin_memory=device.type == "cuda", **task.loader_options,
     )
     steps_per_epoch = len(loader) // cfg.train.grad_accum
     if steps_per_epoch == 0:
@@ -250,6 +251,7 @@ def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path
         "config": config_to_dict(cfg),
         "config_fingerprint": config_fingerprint(cfg),
         "store_fingerprint": store_fp,
+        "encoder_fingerprint": train_split.encoder_fingerprint,
         "zero_stage": stage,
         "world_size": world,
         "precision": precision,
