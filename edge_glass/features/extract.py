@@ -24,35 +24,30 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from edge_glass import __version__
 from edge_glass.config import Config
 from edge_glass.data.raw_shards import list_shards
 from edge_glass.encoders.base import EncodedBatch, FrozenEncoder
 from edge_glass.features.manifest import (
-    EXTRACTION,
     FORMAT_SUFFIX,
     FORMAT_VERSION,
     MANIFEST,
-    differences,
     encoder_fingerprint,
     fingerprint,
     read_json,
-    shard_stem,
     split_dir,
 )
 from edge_glass.features.prepared_batches import default_num_workers, prepared_batches
-from edge_glass.features.quantize import QUANTIZED, floor_spread, quantize
+from edge_glass.features.quantize import FLOAT_DTYPE, QUANTIZED, store_rows, zscore_record
 from edge_glass.features.shard_writer import ShardWriter, StoredBatch
+from edge_glass.features.split_records import prepare_split_dir, refuse_mismatch, shard_complete, write_manifest
 from edge_glass.features.stats import RunningMoments, row_sums
 from edge_glass.utils import distributed as D
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
 from edge_glass.utils.progress import progress_bar
 
-_FLOAT = {"float16": torch.float16, "float32": torch.float32}
 QUANTIZATION = "quantization.json"
 """Store-level record of the z-score int8/int4 codes are taken after (every split shares it)."""
 
@@ -125,14 +120,9 @@ def stored_arrays(res: EncodedBatch, modality: str, token_dtype: str, pooled_dty
     and the per-dimension sums of the stored values (of the float16 values a quantised store
     codes, so its statistics equal those of the float16 store of the same features).
     `zscore`: per modality the (center, spread) codes are taken after, on the device."""
-    rows = flat_rows(res.tokens, res.lengths)
-    reference = rows.to(_FLOAT.get(token_dtype, torch.float16))
-    scales = None
-    if token_dtype in QUANTIZED:
-        tokens, scales = quantize(reference, *zscore[modality], token_dtype)
-    else:
-        tokens = reference
-    pooled = res.pooled.to(_FLOAT[pooled_dtype])
+    tokens, scales, reference = store_rows(flat_rows(res.tokens, res.lengths), token_dtype,
+                                           zscore[modality] if zscore else None)
+    pooled = res.pooled.to(FLOAT_DTYPE[pooled_dtype])
     sums = {f"{modality}.tokens": row_sums(reference), f"{modality}.pooled": row_sums(pooled)}
     return {"tokens": tokens, "scales": scales, "pooled": pooled, "sums": sums}
 
@@ -184,18 +174,20 @@ def _quantization(cfg: Config, encoders: dict[str, FrozenEncoder], described: di
     """The store's per-modality (center, spread) for int8/int4 codes: read from the store, or
     (rank 0) computed from the first `features.calibration_samples` of the train split."""
     path = Path(cfg.data.features_dir) / QUANTIZATION
-    want = {"encoder_fingerprint": encoder_fingerprint(described), "samples": cfg.features.calibration_samples}
+    fp = encoder_fingerprint(described)
     if D.rank() == 0:
         existing = read_json(path) if path.is_file() and not overwrite else None
-        if existing is not None and {k: existing.get(k) for k in want} != want:
+        if existing is not None and existing.get("encoder_fingerprint") != fp:
             raise UserError(
-                f"{path}: the store's int8/int4 codes were calibrated for other encoders or settings; "
-                "re-run with --overwrite to replace the store"
+                f"{path}: the store's int8/int4 codes were calibrated on features of other encoders (encoder "
+                f"fingerprint {existing.get('encoder_fingerprint')}, this config {fp}); re-run with --overwrite"
             )
         if existing is None:
             stats = calibrate(cfg, encoders, batch_size)
+            record = {"encoder_fingerprint": fp, "calibration": f"first {cfg.features.calibration_samples} samples of "
+                      f"{cfg.data.splits.train}", "modalities": stats}
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps({**want, "modalities": stats}, indent=1))
+            write_text_atomic(path, json.dumps(record, indent=1))
     D.barrier()
     return read_json(path)["modalities"]
 
@@ -215,12 +207,7 @@ def calibrate(cfg: Config, encoders: dict[str, FrozenEncoder], batch_size: int) 
         seen += len(item["keys"])
         if seen >= want:
             break
-    out = {}
-    for m, mom in moments.items():
-        mean, std = mom.mean_std()
-        spread = floor_spread(torch.from_numpy(std))
-        out[m] = {"center": [float(v) for v in mean.astype(np.float32)], "spread": [float(v) for v in spread]}
-    return out
+    return {m: zscore_record(*mom.mean_std()) for m, mom in moments.items()}
 
 
 # --- splits and shards ----------------------------------------------------------------------------
@@ -231,13 +218,13 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
     raw_shards = list_shards(Path(cfg.data.raw_dir) / split)
     out = split_dir(cfg.data.features_dir, split)
     rank, world = D.rank(), D.world_size()
-    _refuse_mismatch(out, settings, overwrite)
+    refuse_mismatch(out, settings, overwrite)
     if rank == 0:
-        _prepare_split_dir(out, settings, overwrite)
+        prepare_split_dir(out, settings, overwrite)
     D.barrier()
 
     mine = [i for i in range(len(raw_shards)) if i % world == rank]
-    todo = [i for i in mine if not _complete(out, i, formats)]
+    todo = [i for i in mine if not shard_complete(out, i, formats)]
     counts = _raw_counts(raw_shards)
     total = sum(counts.get(i, 0) for i in todo) * world if counts else None  # rank 0's share, scaled
     skipped = len(mine) - len(todo)
@@ -269,7 +256,7 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
         raise
     D.barrier()
     if rank == 0:
-        _write_manifest(out, split, raw_shards, settings, cfg.data.raw_dir)
+        write_manifest(out, split, len(raw_shards), settings, {"raw_dir": str(cfg.data.raw_dir)})
         if skipped:
             print(f"extract {split}: {skipped} shard(s) were already complete and kept")
     D.barrier()
@@ -284,46 +271,6 @@ def _next_shard(expected, shard: int, raw_shards: list[Path]) -> int:
     return shard
 
 
-def _refuse_mismatch(out: Path, settings: dict, overwrite: bool) -> None:
-    """Every rank checks (read-only), so a refusal stops all of them, not only rank 0."""
-    record = out / EXTRACTION
-    if record.is_file() and not overwrite:
-        old = read_json(record)
-        if old.get("fingerprint") != settings["fingerprint"]:
-            changed = ", ".join(f"encoders.{d}" for d in differences(old.get("encoders"), settings["encoders"]))
-            if not changed:
-                changed = ", ".join(k for k in ("token_dtype", "pooled_dtype", "quantization", "format_version")
-                                    if old.get(k) != settings.get(k)) or "store settings"
-            raise UserError(
-                f"{out} holds features of other encoders or settings (store fingerprint {old.get('fingerprint')}, "
-                f"this config {settings['fingerprint']}; differs in {changed}); re-run with --overwrite to replace them"
-            )
-
-
-def _prepare_split_dir(out: Path, settings: dict, overwrite: bool) -> None:
-    """Rank 0, before any rank writes: clear for --overwrite, drop stale temporaries, record settings."""
-    record = out / EXTRACTION
-    if out.is_dir():
-        for p in out.iterdir():
-            # Temporaries are left only by killed runs; nothing is writing while ranks wait at
-            # the barrier after this. With --overwrite, remove only what extraction writes,
-            # never a user's stray files.
-            ours = p.name.startswith(("shard-", ".tmp-")) or p.name in (MANIFEST, EXTRACTION)
-            if p.name.startswith(".tmp-") or (overwrite and ours):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if not record.is_file() or overwrite:
-        write_text_atomic(record, json.dumps(settings, indent=1, sort_keys=True))
-
-
-def _complete(out: Path, index: int, formats: list[str]) -> bool:
-    record = out / f"{shard_stem(index)}.json"
-    if not record.is_file():
-        return False
-    have = read_json(record)["files"]
-    return all(fmt in have and (out / have[fmt]["file"]).is_file() for fmt in formats)
-
-
 def _raw_counts(raw_shards: list[Path]) -> dict[int, int]:
     """Per-shard sample counts from the raw split's index.json, when the source wrote one."""
     index = raw_shards[0].parent / "index.json"
@@ -332,51 +279,3 @@ def _raw_counts(raw_shards: list[Path]) -> dict[int, int]:
     data = read_json(index)
     by_name = {s["name"]: int(s["samples"]) for s in data.get("shards", [])}
     return {i: by_name[p.name] for i, p in enumerate(raw_shards) if p.name in by_name}
-
-
-def _write_manifest(out: Path, split: str, raw_shards: list[Path], settings: dict, raw_dir: str) -> None:
-    records = []
-    for i in range(len(raw_shards)):
-        path = out / f"{shard_stem(i)}.json"
-        if not path.is_file():
-            raise UserError(f"{out}: shard {shard_stem(i)} is missing after extraction; re-run extraction to finish it")
-        records.append(read_json(path))
-    # Formats present in every shard are the store's formats.
-    formats = sorted(set.intersection(*(set(r["files"]) for r in records)))
-    moments: dict[str, RunningMoments] = {}
-    for r in records:
-        for field, m in r["moments"].items():
-            if field in moments:
-                moments[field].merge(RunningMoments.from_json(m))
-            else:
-                moments[field] = RunningMoments.from_json(m)
-    fields = {}
-    for field, spec in records[0]["fields"].items():
-        dtype = settings["token_dtype"] if field.endswith(".tokens") else settings["pooled_dtype"]
-        entry = {"dim": spec["dim"], "dtype": dtype}
-        if "max_length" in spec:
-            entry["max_length"] = max(r["fields"][field]["max_length"] for r in records)
-        fields[field] = entry
-    stats = {}
-    for field, m in moments.items():
-        mean, std = m.mean_std()
-        stats[field] = {"count": m.count, "mean": mean.tolist(), "std": std.tolist()}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "edge_glass_version": __version__,
-        "split": split,
-        "fingerprint": settings["fingerprint"],
-        "encoder_fingerprint": settings["encoder_fingerprint"],
-        "token_dtype": settings["token_dtype"],
-        "pooled_dtype": settings["pooled_dtype"],
-        "encoders": settings["encoders"],
-        "formats": formats,
-        "fields": fields,
-        "num_samples": sum(r["num_samples"] for r in records),
-        "shards": [{k: r[k] for k in ("name", "raw_shard", "num_samples", "files")} for r in records],
-        "source": {"raw_dir": str(raw_dir)},
-        "stats": stats,
-    }
-    if "quantization" in settings:
-        manifest["quantization"] = settings["quantization"]
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))

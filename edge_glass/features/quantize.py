@@ -10,7 +10,7 @@ unit spread and one scale per token (int8) or per group of dimensions (int4) fit
     int8   one signed byte per value, one float16 scale per token: x ~= center + spread * q * s
     int4   two values per byte (NF4 levels, the 16 quantiles of a unit normal that QLoRA uses,
            which suit z-scored values better than 16 even steps), one float16 scale per group
-           of `INT4_GROUP` dimensions of a token: x ~= center + spread * NF4[q] * s
+           of `int4_group(D)` dimensions of a token: x ~= center + spread * NF4[q] * s
 
 The loader hands quantised tokens to the model as stored (1/2 or 1/4 of the bytes to gather and
 to copy to the device); `dequantize` runs there, inside the adapters' input path. The same
@@ -28,7 +28,19 @@ import torch
 TOKEN_DTYPES = ("float16", "float32", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 INT4_GROUP = 64
-"""Dimensions per int4 scale. Chosen by measurement (BENCHMARKS.md, "Compact token store")."""
+"""Dimensions per int4 scale (fewer for a width it does not divide; see `int4_group`). Chosen
+by measurement (BENCHMARKS.md, "Compact token store")."""
+
+
+def int4_group(dim: int) -> int:
+    """The int4 group size for tokens of width `dim`: INT4_GROUP, or the largest power of two
+    below it that divides `dim` (tiny test models are 32 wide)."""
+    group = INT4_GROUP
+    while group > 2 and dim % group:
+        group //= 2
+    if dim % group or dim % 2:
+        raise ValueError(f"int4 tokens need an even width, got {dim}")
+    return group
 
 # NF4: the 16 values of QLoRA's 4-bit NormalFloat (normalised quantiles of N(0, 1), with an exact
 # zero), ascending. Stored codes index this table.
@@ -52,8 +64,8 @@ class TokenLayout:
     def __post_init__(self) -> None:
         if self.dtype not in TOKEN_DTYPES:
             raise ValueError(f"token dtype must be one of {TOKEN_DTYPES}, got {self.dtype!r}")
-        if self.dtype == "int4" and self.dim % INT4_GROUP:
-            raise ValueError(f"int4 tokens need a width divisible by {INT4_GROUP}, got {self.dim}")
+        if self.dtype == "int4":
+            int4_group(self.dim)
 
     @property
     def quantized(self) -> bool:
@@ -72,7 +84,7 @@ class TokenLayout:
     @property
     def scale_width(self) -> int:
         """float16 scales per token (0 when not quantised)."""
-        return {"int8": 1, "int4": self.dim // INT4_GROUP}.get(self.dtype, 0)
+        return {"int8": 1, "int4": self.dim // int4_group(self.dim)}.get(self.dtype, 0) if self.quantized else 0
 
     @property
     def bytes_per_token(self) -> int:
@@ -86,6 +98,13 @@ def floor_spread(std: torch.Tensor) -> torch.Tensor:
     return torch.clamp(std, min=float(torch.clamp(std.mean() * 1e-3, min=1e-6)))
 
 
+def zscore_record(mean: np.ndarray, std: np.ndarray) -> dict:
+    """The manifest's record of one modality's z-score: `center` (the mean) and `spread` (the
+    floored std), as float32 values in JSON."""
+    spread = floor_spread(torch.as_tensor(np.asarray(std, dtype=np.float32)))
+    return {"center": [float(v) for v in np.asarray(mean, dtype=np.float32)], "spread": [float(v) for v in spread]}
+
+
 @torch.no_grad()
 def quantize(x: torch.Tensor, center: torch.Tensor, spread: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows [N, D] (any float dtype, any device) -> (codes, float16 scales [N, G]).
@@ -97,17 +116,42 @@ def quantize(x: torch.Tensor, center: torch.Tensor, spread: torch.Tensor, dtype:
     n, d = z.shape
     if dtype == "int8":
         scale = (z.abs().amax(dim=1, keepdim=True) / 127).to(torch.float16)
-        # Divide by the float16 scale the reader will multiply with, so the pair is consistent.
-        s = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
+        # Divide by the float16 scale the reader will multiply with (subnormal ones included),
+        # so the pair is consistent; an all-zero row has scale 0 and codes 0.
+        s = _divisor(scale)
         codes = torch.round(z / s).clamp(-127, 127).to(torch.int8)
         return codes, scale
-    groups = z.reshape(n, d // INT4_GROUP, INT4_GROUP)
+    group = int4_group(d)
+    groups = z.reshape(n, d // group, group)
     scale = groups.abs().amax(dim=2).to(torch.float16)  # [N, G]
-    s = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
+    s = _divisor(scale)
     unit = (groups / s[..., None]).clamp(-1, 1).reshape(n, d)
     codes = torch.bucketize(unit, _NF4_BOUNDS.to(z.device)).to(torch.uint8)  # 0..15
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed, scale
+
+
+FLOAT_DTYPE = {"float16": torch.float16, "float32": torch.float32}
+
+
+def store_rows(rows: torch.Tensor, token_dtype: str, zscore: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Token rows [N, D] (any float dtype, any device) as a store of `token_dtype` holds them:
+    (stored rows, float16 scales or None, reference). The reference is the float16 (float32 for
+    a float32 store) rows; a quantised store codes it, and the manifest's statistics are its
+    statistics, so a quantised store and a float16 store of the same features agree on them.
+    Extraction and the converter both store through here: same features, same bytes."""
+    reference = rows.to(FLOAT_DTYPE.get(token_dtype, torch.float16))
+    if token_dtype in QUANTIZED:
+        codes, scales = quantize(reference, *zscore, token_dtype)
+        return codes, scales, reference
+    return reference, None, reference
+
+
+def _divisor(scale: torch.Tensor) -> torch.Tensor:
+    """The float16 scales as float32 divisors, 1 where a scale is 0 (its values are all 0)."""
+    s = scale.float()
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, center: torch.Tensor, spread: torch.Tensor,
@@ -123,7 +167,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, center: torch.Tensor, 
         idx = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., D], even dims from the low nibble
         unit = _nf4_on(codes.device)[idx]
         shape = unit.shape
-        z = (unit.reshape(*shape[:-1], -1, INT4_GROUP) * scales.float()[..., None]).reshape(shape)
+        z = (unit.reshape(*shape[:-1], scales.shape[-1], -1) * scales.float()[..., None]).reshape(shape)
     else:
         raise ValueError(f"dequantize: {dtype!r} is not a quantised dtype")
     return z * spread + center

@@ -22,6 +22,7 @@ from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, 
 from edge_glass.features.hdf5_shard import Hdf5Shard
 from edge_glass.features.manifest import (
     EXTRACT_HINT,
+    differences,
     load_manifest,
     manifest_encoder_fingerprint,
     pooled_dtype,
@@ -181,6 +182,17 @@ def open_store(path: str | Path, split: str = "train", backend: str | None = Non
                max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS) -> FeatureSplit:
     """Open one split of a feature store (HDF5 when present, else WebDataset)."""
     return FeatureSplit(path, split, backend, max_open_shards)
+
+
+def check_same_encoders(split: FeatureSplit, reference: FeatureSplit) -> None:
+    """Refuse a split whose features come from other encoders than `reference`'s (the store a
+    model was trained on); how either stores them may differ."""
+    if split.encoder_fingerprint != reference.encoder_fingerprint:
+        changed = ", ".join(f"encoders.{d}" for d in differences(reference.manifest["encoders"], split.manifest["encoders"]))
+        raise UserError(
+            f"{split.path} holds features of other encoders than {reference.path} (encoder fingerprint "
+            f"{split.encoder_fingerprint}, the run's {reference.encoder_fingerprint}; differs in {changed or 'the encoders'})"
+        )
 
 
 def check_store_matches(split: FeatureSplit, cfg: Config) -> None:
