@@ -10,8 +10,9 @@ Run with:
 
 Sections:
   samples  Stores of 10k, 100k and 1M samples of small random features (8 x 64 patch tokens, 4-12
-           x 64 caption tokens, pooled 64; ~2.4 KB a sample, shards of 1,000), so 1M fits in a few
-           GB. Each size is read by a fresh process (so its numbers are its own) as the trainer
+           x 64 caption tokens, pooled 64; ~2.4 KB a sample) in shards of 100 (`--shard_size`), so
+           1M fits in a few GB and every size has more shards than data.max_open_shards (100 to
+           10,000 files): what must stay flat is what the loader holds, not what the store has. Each size is read by a fresh process (so its numbers are its own) as the trainer
            reads it (shuffled, 2 modalities, reader threads, reused buffers) for `--seconds`:
            store open time, first-batch latency, samples/s, GB/s, open files and resident memory
            (anonymous and file-backed, peak while reading), then the same with one busy process
@@ -39,7 +40,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import CompetingLoad, machine, make_store, warm  # noqa: E402
@@ -132,15 +132,15 @@ def _flat(values: list[float]) -> str:
 
 
 def section_samples(args, tmp: Path) -> None:
-    print(f"\n## samples: small shapes (8x64 patch + 4-12x64 caption tokens, pooled 64), shards of 1,000, batch "
-          f"{args.batch}, {args.seconds:g} s a measurement, max_open_shards {args.max_open_shards}")
+    print(f"\n## samples: small shapes (8x64 patch + 4-12x64 caption tokens, pooled 64), shards of {args.shard_size:,}, "
+          f"batch {args.batch}, {args.seconds:g} s a measurement, max_open_shards {args.max_open_shards}")
     print(HEADER)
     rows: dict[str, list[dict]] = {"idle": [], "loaded": []}
     for size in args.sizes:
         root = Path(tempfile.mkdtemp(prefix=f"eg-scale-{size}-", dir=tmp))
         try:
             t = time.perf_counter()
-            make_store(root, size, 1000, SMALL)
+            make_store(root, size, args.shard_size, SMALL)
             built = time.perf_counter() - t
             warm(sorted((root / "train").glob("shard-*.h5")))
             for condition in ("idle", "loaded"):
@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     p.add_argument("--gb", nargs="+", type=float, default=[2, 8, 30])
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--shard_size", type=int, default=100, help="samples a shard in the samples section")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--max_open_shards", type=int, default=64)
     p.add_argument("--models", default=None, help="local model set for the quant section (default: built in --tmp)")

@@ -209,3 +209,26 @@ def test_a_rank_left_without_blocks_fails_cleanly(world):
             except UserError:
                 continue
             assert len(batches) == len(loader)
+
+
+def test_a_process_that_leaves_an_epoch_unfinished_exits_at_once(world):
+    # A training loop that stops at max_steps mid-epoch, or a notebook, leaves the loader's
+    # reader threads running; at exit they must be stopped before interpreter shutdown freezes
+    # them (frozen holding a lock, they hung the exit forever).
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "from edge_glass.features.loader import FeatureLoader\n"
+        "from edge_glass.features.store import open_store\n"
+        f"loader = FeatureLoader(open_store({str(world.store)!r}, 'train'), 4, block_size=4, reader_threads=3,"
+        " reuse_buffers=True, prefetch_batches=4)\n"
+        "it = iter(loader)\n"
+        "next(it); next(it)\n"
+        "print('left it unfinished')\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "left it unfinished" in proc.stdout, proc.stderr
+    assert time.monotonic() - start < 60

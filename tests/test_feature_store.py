@@ -9,6 +9,8 @@ Run with:
 
 from __future__ import annotations
 
+import json
+
 import io
 import shutil
 import sys
@@ -99,7 +101,7 @@ def _npy(tar: tarfile.TarFile, member: tarfile.TarInfo) -> np.ndarray:
 def _check_flat_layout(split) -> dict[str, np.ndarray]:
     """No padding is stored: each modality's flat rows are exactly the sum of its lengths."""
     lengths = {}
-    for shard in split.manifest["shards"]:
+    for shard in json.loads((split.path / "manifest.json").read_text())["shards"]:
         with h5py.File(split.path / shard["files"]["hdf5"]["file"], "r") as f:
             for m in MODALITIES:
                 offsets = f[m]["offsets"][:]

@@ -136,7 +136,7 @@ def test_gpu_check_dry_run_reports_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     assert results["dry_run"] and results["environment"]["torch"] == torch.__version__
-    assert set(results["sections"]) == {"vision_extract", "align", "instruct"}
+    assert set(results["sections"]) == {"vision_extract", "extract", "loader", "align", "instruct"}
     for name, section in results["sections"].items():
         assert "error" not in section, f"{name}: {section.get('error')}"
         # None is what a CPU reports for MFU and GPU memory; every other figure is a positive rate,

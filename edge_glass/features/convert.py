@@ -116,23 +116,26 @@ def _convert_split(src: Path, dst: Path, split: str, settings: dict, formats: li
     n = len(source.shards)
     todo = [i for i in range(n) if not shard_complete(out, i, formats)]
     sizes = source.shard_sizes
+    raw = [s.get("raw_shard") or "" for s in read_json(src / split / MANIFEST)["shards"]]
     with progress_bar(f"convert {split}", int(sum(sizes[i] for i in todo))) as bar:
         if workers > 0 and len(todo) > 1:
             with ProcessPoolExecutor(workers) as pool:
-                jobs = [pool.submit(convert_shard, src, split, i, out, settings, formats) for i in todo]
+                jobs = [pool.submit(convert_shard, src, split, i, raw[i], out, settings, formats) for i in todo]
                 for i, job in zip(todo, jobs):
                     job.result()
                     bar.advance(int(sizes[i]))
         else:
             for i in todo:
-                convert_shard(src, split, i, out, settings, formats, source)
+                convert_shard(src, split, i, raw[i], out, settings, formats, source)
                 bar.advance(int(sizes[i]))
     write_manifest(out, split, n, settings, {**source.manifest.get("source", {}), "converted_from": str(src / split)})
     return out / MANIFEST
 
 
-def convert_shard(src: Path, split: str, index: int, out: Path, settings: dict, formats: list[str], source=None) -> None:
-    """Shard `index` of `src`/`split` rewritten into `out` under `settings`."""
+def convert_shard(src: Path, split: str, index: int, raw_shard: str, out: Path, settings: dict, formats: list[str],
+                  source=None) -> None:
+    """Shard `index` of `src`/`split` rewritten into `out` under `settings` (`raw_shard`: the raw
+    shard it was extracted from, kept in its record)."""
     started = time.perf_counter()
     source = source or open_store(src, split)
     shard = source.shards[index]
@@ -152,7 +155,6 @@ def convert_shard(src: Path, split: str, index: int, out: Path, settings: dict, 
             moments[field] = RunningMoments(sums.shape[1])
             moments[field].add(int(sums[0, 0]), sums[1], sums[2])
         dims[m] = int(a.tokens.shape[1])
-    record = source.manifest["shards"][index]
-    write_shard_files(out, index, Path(record.get("raw_shard") or shard.path.name),
+    write_shard_files(out, index, Path(raw_shard or shard.path.name),
                       FeatureBlock(block.keys, block.captions, block.meta, modalities), moments, dims, formats, settings,
                       time.perf_counter() - started)

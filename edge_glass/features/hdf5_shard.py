@@ -21,13 +21,14 @@ bytes: a resumed extraction is byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
+from h5py import h5d
 
-from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays
+from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, copy_rows
 from edge_glass.features.open_files import ShardCache, open_error
 from edge_glass.utils.errors import UserError
 
@@ -52,6 +53,16 @@ def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
             f.attrs[k] = v
 
 
+@dataclass(frozen=True)
+class _Array:
+    """Where a dataset's bytes are: `offset` into the file when contiguous and unfiltered."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int | None
+    row_bytes: int
+
+
 class _OpenHdf5:
     """An open shard: the h5py file (strings) and, per numeric dataset, where its bytes are."""
 
@@ -63,33 +74,45 @@ class _OpenHdf5:
             raise open_error(path, e, expected_bytes) from None
         self.fd = self.file.id.get_vfd_handle()
         self.size = os.fstat(self.fd).st_size
-        self._arrays: dict[str, tuple[h5py.Dataset, int | None, int]] = {}
+        self._arrays: dict[str, _Array | None] = {}
 
-    def array(self, name: str) -> tuple[h5py.Dataset, int | None, int]:
-        """(dataset, byte offset when contiguous, bytes per row); looked up once per open."""
-        entry = self._arrays.get(name)
+    def array(self, name: str) -> "_Array":
+        """Where dataset `name`'s bytes are; looked up once per open, through h5py's low-level
+        API (its high-level properties cost ~70 us a dataset, and a store of 1,000 shards
+        reopens a shard for nearly every block it reads)."""
+        entry = self.find(name)
         if entry is None:
-            try:
-                ds = self.file[name]
-            except KeyError:
-                raise UserError(f"{self.path}: no dataset {name!r} (not a shard of this store's layout); "
-                                "re-run extraction with --overwrite") from None
-            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
-            row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
-            entry = self._arrays[name] = (ds, offset, row_bytes)
+            raise UserError(f"{self.path}: no dataset {name!r} (not a shard of this store's layout); "
+                            "re-run extraction with --overwrite")
         return entry
+
+    def find(self, name: str) -> "_Array | None":
+        """`array(name)`, or None when the shard has no such dataset (e.g. no scales: float tokens)."""
+        if name not in self._arrays:
+            try:
+                dsid = h5d.open(self.file.id, name.encode())
+            except KeyError:
+                self._arrays[name] = None
+                return None
+            plist = dsid.get_create_plist()
+            contiguous = plist.get_layout() == h5d.CONTIGUOUS and plist.get_nfilters() == 0
+            dtype, shape = dsid.dtype, dsid.shape
+            offset = dsid.get_offset() if contiguous and dtype.kind in "fiub" else None
+            self._arrays[name] = _Array(shape, dtype, offset, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+        return self._arrays[name]
 
     def rows(self, name: str, first: int, out: np.ndarray) -> None:
         """Rows [first, first + len(out)) of dataset `name` into `out` (C-contiguous)."""
         n = len(out)
         if n == 0:
             return
-        ds, offset, row_bytes = self.array(name)
-        if first < 0 or first + n > ds.shape[0]:
-            raise UserError(f"{self.path}: rows {first}..{first + n - 1} of {name} are outside its {ds.shape[0]} rows "
+        a = self.array(name)
+        offset, row_bytes = a.offset, a.row_bytes
+        if first < 0 or first + n > a.shape[0]:
+            raise UserError(f"{self.path}: rows {first}..{first + n - 1} of {name} are outside its {a.shape[0]} rows "
                             "(corrupt offsets); re-run extraction with --overwrite")
         if offset is None:  # chunked or compressed (not written by Edge Glass): h5py decodes it
-            ds.read_direct(out, np.s_[first : first + n])
+            self.file[name].read_direct(out, np.s_[first : first + n])
             return
         start = offset + first * row_bytes
         try:
@@ -105,19 +128,20 @@ class _OpenHdf5:
     def drop_pages(self, name: str, first: int, n: int) -> None:
         """posix_fadvise(DONTNEED) on rows [first, first + n) of `name`: the kernel may drop them
         from the page cache (it keeps pages other processes have mapped or dirtied)."""
-        _, offset, row_bytes = self.array(name)
-        if offset is not None and n > 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, offset + first * row_bytes, n * row_bytes, os.POSIX_FADV_DONTNEED)
+        a = self.array(name)
+        if a.offset is not None and n > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, a.offset + first * a.row_bytes, n * a.row_bytes, os.POSIX_FADV_DONTNEED)
 
     def rows_into(self, name: str, runs: list[tuple[int, int, np.ndarray]]) -> None:
         """For each (first row, count, destination): those rows of `name` into destination[:count].
         The loader's hot loop: one pread per run, checks on the totals."""
-        ds, offset, row_bytes = self.array(name)
+        a = self.array(name)
+        offset, row_bytes = a.offset, a.row_bytes
         if offset is None:
             for first, n, out in runs:
                 self.rows(name, first, out[:n])
             return
-        rows = ds.shape[0]
+        rows = a.shape[0]
         want = got = 0
         preadv = os.preadv
         try:
@@ -133,15 +157,15 @@ class _OpenHdf5:
                             "re-run extraction with --overwrite")
 
     def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
-        ds, _, _ = self.array(name)
-        out = np.empty((max(stop - start, 0), *ds.shape[1:]), dtype=ds.dtype)
+        a = self.array(name)
+        out = np.empty((max(stop - start, 0), *a.shape[1:]), dtype=a.dtype)
         self.rows(name, start, out)
         return out
 
     def strings(self, name: str, start: int, stop: int) -> list[str]:
-        ds, _, _ = self.array(name)
+        self.array(name)  # a missing dataset is a clear error
         try:
-            return [s.decode() for s in ds[start:stop]]
+            return [s.decode() for s in self.file[name][start:stop]]
         except (OSError, ValueError) as e:
             raise UserError(f"{self.path}: corrupt feature shard reading {name} {start}..{stop - 1}: {e}") from None
 
@@ -162,13 +186,20 @@ class Hdf5Shard:
         self._num_samples = num_samples
         self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
 
+    # Equal by path: readers made on demand for the same file share one cache entry.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
     def open(self) -> _OpenHdf5:
         return _OpenHdf5(self.path, self.expected_bytes)
 
     def __len__(self) -> int:
         if self._num_samples is None:
             with self.cache.use(self) as f:
-                self._num_samples = int(f.array("keys")[0].shape[0])
+                self._num_samples = int(f.array("keys").shape[0])
         return self._num_samples
 
     @property
@@ -184,7 +215,7 @@ class Hdf5Shard:
             for m in modalities if modalities is not None else self.modalities:
                 offsets = f.read_array(f"{m}/offsets", start, stop + 1)
                 a, b = int(offsets[0]), int(offsets[-1])
-                scales = f.read_array(f"{m}/scales", a, b) if f"{m}/scales" in f.file else None
+                scales = f.read_array(f"{m}/scales", a, b) if f.find(f"{m}/scales") else None
                 arrays[m] = ModalityArrays(f.read_array(f"{m}/tokens", a, b), offsets - offsets[0],
                                            f.read_array(f"{m}/pooled", start, stop), scales)
         return FeatureBlock(keys, captions, meta, arrays)
@@ -203,10 +234,10 @@ class Hdf5Shard:
                     raise UserError(f"{self.path}: corrupt offsets of {m} in samples {start}..{stop - 1}; "
                                     "re-run extraction with --overwrite")
                 a, b = int(offsets[0]), int(offsets[-1])
-                if (b - a) * f.array(f"{m}/tokens")[2] <= STAGE_BYTES_PER_SAMPLE * (stop - start):
+                if (b - a) * f.array(f"{m}/tokens").row_bytes <= STAGE_BYTES_PER_SAMPLE * (stop - start):
                     # Small rows (caption word pieces): one read for the block beats a read per
                     # sample, whose fixed cost is larger than the copy.
-                    scales = f.read_array(f"{m}/scales", a, b) if f"{m}/scales" in f.file else None
+                    scales = f.read_array(f"{m}/scales", a, b) if f.find(f"{m}/scales") else None
                     staged[m] = (f.read_array(f"{m}/tokens", a, b), scales)
         return Hdf5BlockIndex(self, keys, captions, meta, lengths, pooled, first_rows, staged)
 
@@ -233,23 +264,20 @@ class Hdf5BlockIndex(BlockIndex):
                 if len(first):
                     rows = int(first[-1] + self.lengths[m][-1] - first[0])
                     f.drop_pages(f"{m}/tokens", int(first[0]), rows)
-                    if f"{m}/scales" in f.file:
+                    if f.find(f"{m}/scales"):
                         f.drop_pages(f"{m}/scales", int(first[0]), rows)
 
-    def copy_many(self, modality: str, items: Sequence[tuple[int, int]], tokens: np.ndarray,
-                  scales: np.ndarray | None) -> None:
+    def copy_many(self, modality: str, samples: np.ndarray, tokens: np.ndarray, scales: np.ndarray | None) -> None:
         first, lengths = self.first_rows[modality], self.lengths[modality]
         if modality in self.staged:
             rows, row_scales = self.staged[modality]
-            base = int(first[0]) if len(first) else 0
-            for i, j in items:
-                a, n = int(first[i]) - base, int(lengths[i])
-                tokens[j, :n] = rows[a : a + n]
-                if scales is not None:
-                    scales[j, :n] = row_scales[a : a + n]
+            starts = first - first[0] if len(first) else first
+            copy_rows(rows, starts, lengths, samples, tokens)
+            if scales is not None:
+                copy_rows(row_scales, starts, lengths, samples, scales)
             return
         # One open-shard lookup for the lot: the loader calls this per block and modality.
         with self.shard.cache.use(self.shard) as f:
             for name, out in ((f"{modality}/tokens", tokens), (f"{modality}/scales", scales)):
                 if out is not None:
-                    f.rows_into(name, [(int(first[i]), int(lengths[i]), out[j]) for i, j in items])
+                    f.rows_into(name, [(int(first[s]), int(lengths[s]), out[k]) for k, s in enumerate(samples.tolist())])

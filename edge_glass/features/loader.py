@@ -30,9 +30,12 @@ everything else out of the cache and be read from disk next epoch anyway).
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
+import sys
 import threading
+import weakref
 from typing import Callable, Iterator
 
 import numpy as np
@@ -60,7 +63,7 @@ def default_reader_threads() -> int:
 
 def split_bytes(split: FeatureSplit) -> int:
     """Bytes of the split's files of the backend being read (from the manifest)."""
-    return sum(int(s["files"][split.backend].get("bytes", 0)) for s in split.manifest["shards"])
+    return int(split.shard_bytes.clip(min=0).sum())
 
 
 def machine_memory() -> int | None:
@@ -222,16 +225,21 @@ class FeatureLoader:
 def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffers, layouts: dict, dequant: dict) -> dict:
     """Batch k collated into `buffers`: per modality `tokens` [B, T, W] as stored (zero past each
     length), `mask` [B, T], `pooled` [B, P], and for a quantised store `scales` [B, T, G] with
-    what `quantize.dequantize_features` needs. Samples in plan order."""
+    what `quantize.dequantize_features` needs."""
     which, rows = plan.batch(k)
     index: dict[int, BlockIndex] = {}
     for w in plan.batch_windows(k):
         index.update(blocks.window(w))
     n = len(rows)
-    # Slots grouped by source block: one open-shard lookup per block and modality.
+    # Samples laid out grouped by source block (stable, so the order is still a function of the
+    # plan): each block fills one contiguous run of the batch, which its backend copies with one
+    # lookup, and for rows held in memory one `np.take`. Order within a batch means nothing to
+    # the losses.
     order = np.argsort(which, kind="stable")
-    cuts = np.flatnonzero(np.diff(which[order])) + 1
-    groups = [(int(which[g[0]]), rows[g], g) for g in np.split(order, cuts)] if n else []
+    which, rows = which[order], rows[order]
+    cuts = np.flatnonzero(np.diff(which)) + 1
+    bounds = np.concatenate([[0], cuts, [n]]).tolist() if n else [0]
+    groups = [(int(which[lo]), rows[lo:hi], lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     which_l, rows_l = which.tolist(), rows.tolist()
     batch: dict = {
         "keys": [index[b].keys[r] for b, r in zip(which_l, rows_l)],
@@ -240,15 +248,15 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
     }
     for m, layout in layouts.items():
         lengths = np.empty(n, dtype=np.int64)
-        for b, r, slots in groups:
-            lengths[slots] = index[b].lengths[m][r]
+        for b, r, lo, hi in groups:
+            lengths[lo:hi] = index[b].lengths[m][r]
         t_max = int(lengths.max()) if n else 0
         tokens, tokens_t = buffers.get(f"{m}.tokens", (n, t_max, layout.stored_width), layout.stored_dtype)
         scales = scales_t = None
         if layout.quantized:
             scales, scales_t = buffers.get(f"{m}.scales", (n, t_max, layout.scale_width), np.float16)
-        for b, r, slots in groups:
-            index[b].copy_many(m, list(zip(r.tolist(), slots.tolist())), tokens, scales)
+        for b, r, lo, hi in groups:
+            index[b].copy_many(m, r, tokens[lo:hi], None if scales is None else scales[lo:hi])
         mask, mask_t = buffers.get(f"{m}.mask", (n, t_max), np.bool_)
         np.less(np.arange(t_max), lengths[:, None], out=mask)
         if (lengths < t_max).any():  # padding: the buffers are reused, so zero it
@@ -258,8 +266,8 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
                 scales[pad] = 0
         first = index[groups[0][0]].pooled[m] if n else np.zeros((0, 0), np.float16)
         pooled, pooled_t = buffers.get(f"{m}.pooled", (n, first.shape[1]), first.dtype)
-        for b, r, slots in groups:
-            pooled[slots] = index[b].pooled[m][r]
+        for b, r, lo, hi in groups:
+            np.take(index[b].pooled[m], r, axis=0, out=pooled[lo:hi], mode="clip")
         entry = {"tokens": tokens_t, "mask": mask_t, "pooled": pooled_t}
         if layout.quantized:
             entry.update(scales=scales_t, **dequant[m])
@@ -346,18 +354,27 @@ class _Readers:
                          for i in range(n)]
 
     def __enter__(self) -> "_Readers":
+        _LIVE.add(self)
         for t in self._threads:
             t.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        # The consumer finished or went away (break, exception, closed generator): stop the
-        # threads; one blocked in a put or a wait notices within its timeout.
+        self.stop()
+
+    def stop(self) -> None:
+        """The consumer finished or went away (break, exception, closed generator, exit): stop
+        the threads; one blocked in a put or a wait notices within its timeout."""
         self._stop.set()
-        with self._cond:
+        if sys.is_finalizing():
+            # Daemon threads are frozen now, possibly holding our lock: waiting would hang.
+            return
+        if self._cond.acquire(timeout=1):
             self._cond.notify_all()
+            self._cond.release()
         for t in self._threads:
             t.join(timeout=10)
+        _LIVE.discard(self)
 
     def _run(self, i: int) -> None:
         for k in range(self.first + i, self.plan.num_batches, self.threads):
@@ -415,3 +432,16 @@ class _Readers:
 class _Raised:
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+# Readers of loaders whose iteration was left unfinished (a training loop that stops at
+# max_steps mid-epoch, a notebook cell): stopped at exit while their threads can still run.
+# Left to garbage collection during interpreter shutdown, their daemon threads would already
+# be frozen, possibly holding a lock (ours, or h5py's, which its own exit handler then needs).
+_LIVE: "weakref.WeakSet[_Readers]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_readers() -> None:
+    for readers in list(_LIVE):
+        readers.stop()

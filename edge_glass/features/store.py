@@ -11,6 +11,7 @@ dequantisation to the model on its device (quantize.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Iterator
 
@@ -63,14 +64,16 @@ class FeatureSplit:
         # A tar's index holds no descriptor; only HDF5 shards count against the open-file limit.
         self._files = reserve_files(max_open_shards) if backend == "hdf5" else None
         self.cache = ShardCache(max_open_shards, lambda shard: shard.open())
-        shards = self.manifest["shards"]
-        cls = _SHARD_CLASS[backend]
-        self.shards = [
-            cls(self.path / s["files"][backend]["file"], self.cache, s["files"][backend].get("bytes"), s["num_samples"])
-            for s in shards
-        ]
+        # The per-shard entries are kept as arrays, not as the manifest's dicts: at 10,000 shards
+        # those are ~15 MB of Python objects in every rank, memory that grows with the store.
+        # (`manifest.json` itself has them all; `verify` and the converter read it.)
+        shards = self.manifest.pop("shards")
+        self.shard_files = [s["files"][backend]["file"] for s in shards]
+        self.shard_bytes = np.array([s["files"][backend].get("bytes", -1) for s in shards], dtype=np.int64)
         self.shard_sizes = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+        del shards
+        self.shards = _Shards(self, _SHARD_CLASS[backend])
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])
@@ -168,6 +171,24 @@ class FeatureSplit:
     def close(self) -> None:
         """Close every open shard file (they reopen on the next read)."""
         self.cache.close()
+
+
+class _Shards(Sequence):
+    """The split's shard readers, made on demand from its arrays (a reader holds no resources:
+    the split's cache holds the open ones, keyed by path)."""
+
+    def __init__(self, split: FeatureSplit, cls: type) -> None:
+        self._split, self._cls = split, cls
+
+    def __len__(self) -> int:
+        return len(self._split.shard_files)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        s = self._split
+        expected = int(s.shard_bytes[i])
+        return self._cls(s.path / s.shard_files[i], s.cache, expected if expected >= 0 else None, int(s.shard_sizes[i]))
 
 
 def _sample(block: FeatureBlock, i: int) -> dict:

@@ -22,12 +22,12 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import webdataset as wds
 
-from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays
+from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, copy_rows
 from edge_glass.features.open_files import ShardCache, open_error
 from edge_glass.utils.errors import UserError
 
@@ -94,6 +94,13 @@ class WdsShard:
         self.expected_bytes = expected_bytes
         self._num_samples = num_samples
         self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
+
+    # Equal by path: readers made on demand for the same file share one cache entry.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
 
     def open(self) -> _TarIndex:
         return _TarIndex(self.path, self.expected_bytes)
@@ -183,15 +190,11 @@ class WdsBlockIndex(BlockIndex):
             finally:
                 os.close(fd)
 
-    def copy_many(self, modality: str, items: Sequence[tuple[int, int]], tokens: np.ndarray,
-                  scales: np.ndarray | None) -> None:
+    def copy_many(self, modality: str, samples: np.ndarray, tokens: np.ndarray, scales: np.ndarray | None) -> None:
         a = self.block.modalities[modality]
-        for i, j in items:
-            rows = slice(a.offsets[i], a.offsets[i + 1])
-            n = rows.stop - rows.start
-            np.copyto(tokens[j, :n], a.tokens[rows])
-            if scales is not None:
-                np.copyto(scales[j, :n], a.scales[rows])
+        copy_rows(a.tokens, a.offsets[:-1], a.lengths, samples, tokens)
+        if scales is not None:
+            copy_rows(a.scales, a.offsets[:-1], a.lengths, samples, scales)
 
 
 def _load_npy(buf: memoryview) -> np.ndarray:
