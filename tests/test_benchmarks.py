@@ -25,10 +25,13 @@ def test_train_throughput_benchmark_runs_both_paths():
     assert all(math.isfinite(v) and v > 0 for v in result.values())
 
 
+TINY = {"vision": (5, 8, 8), "audio": (5, 8, 8), "text": ((2, 6), 8, 8)}
+
+
 def test_loader_benchmark_store_matches_what_open_store_reads(tmp_path):
     import loader
 
-    loader.make_store(tmp_path, samples=40, shard_size=16, token_len=5, dim=8)
+    loader.make_store(tmp_path, 40, 16, TINY, formats=("hdf5", "webdataset"))
     from edge_glass.features import open_store
 
     split = open_store(tmp_path, "train")
@@ -36,3 +39,32 @@ def test_loader_benchmark_store_matches_what_open_store_reads(tmp_path):
     assert loader.bare_hdf5(tmp_path / "train", 8) == 40
     assert loader.bare_wds(tmp_path / "train") == 40
     assert loader.through_loader(tmp_path, "hdf5", 8) == loader.through_loader(tmp_path, "webdataset", 8) == 40
+
+
+def test_loader_benchmark_compares_the_same_batches_with_the_gather_limit(tmp_path):
+    import loader
+    import numpy as np
+    import torch
+
+    from edge_glass.features import FeatureLoader, open_store
+
+    loader.make_store(tmp_path, 64, 16, {"vision": (5, 8, 8), "text": ((2, 6), 8, 8)})
+    batches = loader.batch_rows(tmp_path, 8, seed=0)
+    feature_loader = FeatureLoader(open_store(tmp_path, "train"), 8, seed=0, reuse_buffers=True)
+    # The gather limit reads the very samples the loader's batches hold, batch for batch.
+    for rows, batch in zip(batches, feature_loader):
+        assert sorted(batch["keys"]) == sorted(f"train-{i:08d}" for i in rows)
+    vision = torch.from_numpy(open_store(tmp_path, "train").read(0, 64, ["vision"]).modalities["vision"].tokens.reshape(64, -1))
+    result = loader.measure([vision], batches, feature_loader, repeats=2)
+    assert all(np.isfinite(v) and v > 0 for v in (result["one"], result["default"], *result["loader"], result["ratio"]))
+
+
+def test_scale_benchmark_measures_a_store_in_bounded_resources(tmp_path):
+    import loader
+    import scale
+
+    loader.make_store(tmp_path, 400, 10, scale.SMALL)  # 40 shards, 8 open at most
+    r = scale.measure(tmp_path, batch=16, seconds=0.5, max_open_shards=8)
+    assert r["shards"] == 40 and r["samples"] == 400 and r["samples_per_s"] > 0
+    assert 0 < r["open_files"] <= 8
+    assert r["rss_anon_mb"] > 0 and r["first_batch_s"] > 0
