@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--gb", nargs="+", type=float, default=[2, 8, 30])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--shard_size", type=int, default=100, help="samples a shard in the samples section")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--max_open_shards", type=int, default=64)
     p.add_argument("--models", default=None, help="local model set for the quant section (default: built in --tmp)")
     p.add_argument("--tmp", default=None, help="where stores are written (default: the system temp dir)")

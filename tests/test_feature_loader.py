@@ -87,6 +87,47 @@ def test_resume_yields_exactly_the_uninterrupted_batches(world, backend, rank, w
         assert_same_batches(take(resumed, then), reference[consumed:])
 
 
+def _cloned(loader: FeatureLoader, k: int) -> list[dict]:
+    """The next k batches, each copied before the next is asked for (reused buffers are
+    refilled after that)."""
+    out = []
+    while len(out) < k:
+        for batch in loader:
+            out.append({key: ({kk: vv.clone() for kk, vv in v.items()} if isinstance(v, dict) else list(v))
+                        for key, v in batch.items()})
+            if len(out) == k:
+                break
+    return out
+
+
+@pytest.mark.parametrize("backend", ["hdf5", "webdataset"])
+def test_reader_threads_and_reused_buffers_change_nothing_and_resume_exactly(world, backend):
+    per_epoch = len(make_loader(world, backend=backend))
+    total = per_epoch + 3
+    reference = take(make_loader(world, backend=backend, prefetch_batches=0), total)
+    for threads in (1, 3):
+        kw = dict(backend=backend, reader_threads=threads, prefetch_batches=4, reuse_buffers=True)
+        assert_same_batches(_cloned(make_loader(world, **kw), total), reference)
+        # A run with 1 thread saved after 5 batches, resumed with 3 (and the reverse).
+        first = make_loader(world, **kw)
+        _cloned(first, 5)
+        resumed = make_loader(world, **{**kw, "reader_threads": 4 - threads})
+        resumed.load_state_dict(first.state_dict())
+        assert_same_batches(_cloned(resumed, total - 5), reference[5:])
+
+
+def test_reused_buffers_are_refilled_only_after_the_next_batch_is_asked_for(world):
+    loader = make_loader(world, reader_threads=2, prefetch_batches=2, reuse_buffers=True)
+    batches = iter(loader)
+    first = next(batches)
+    snapshot = first["vision"]["tokens"].clone()
+    import time
+
+    time.sleep(0.5)  # the reader threads run ahead meanwhile, but may not touch batch 0's buffers
+    assert torch.equal(first["vision"]["tokens"], snapshot)
+    batches.close()
+
+
 def test_state_from_another_world_size_is_refused(world):
     two = make_loader(world, rank=0, world_size=2)
     take(two, 2)
