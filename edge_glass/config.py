@@ -43,11 +43,19 @@ class ConfigError(UserError):
 @dataclass
 class ExperimentConfig:
     name: str
-    """Run name. The run directory is `<output_dir>/<name>`."""
+    """Run name: letters, digits, '-', '_', '.' (a plain directory name). The run directory is
+    `<output_dir>/<name>`."""
     seed: int = 0
     """Seed for model init, data order and every random choice of the run."""
     output_dir: str = "runs"
     """Parent directory of run directories (checkpoints, metrics.jsonl, config.yaml)."""
+
+    def __post_init__(self) -> None:
+        # A name with a separator or `..` would put the run (and its checkpoint pruning) outside
+        # output_dir.
+        if not plain_name(self.name):
+            raise ConfigError(f"{{path}}.name: must be a plain directory name (letters, digits, '-', '_', '.'; not "
+                              f"'.' or '..'), got {self.name!r}")
 
 
 @dataclass
@@ -83,6 +91,10 @@ class DataConfig:
     max_open_shards: int = 64
     """Most shard files a rank keeps open per split; the least recently used is closed when
     another is needed. The open-file limit (`ulimit -n`) must leave room for them."""
+    verify: Literal["size", "sha256"] = "size"
+    """Before step 1, check every shard of the train and val splits against the manifest: `size`
+    (a stat each: catches truncated and replaced files) or `sha256` (reads every byte, split
+    across ranks: also catches flipped bytes)."""
     release_pages: bool | None = None
     """Ask the OS to drop a block's bytes from the page cache once its batches are consumed.
     Null: only when the split is larger than half the machine's memory (a store that fits stays
@@ -116,6 +128,8 @@ class VisionEncoderConfig:
     """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     image_size: int | None = None
     """Resize/crop size fed to the encoder; null uses the image processor's own setting."""
+    min_size: int = 8
+    """Images whose shorter side has fewer pixels are bad samples (encoders.on_bad_sample)."""
     pool: int = 1
     """Average the patch grid over pool x pool windows before storing (2: a 24 x 24 grid of
     ViT-L/14-336 becomes 12 x 12, 4x fewer tokens, as LLaVA-NeXT / Qwen2-VL-style resamplers
@@ -124,7 +138,7 @@ class VisionEncoderConfig:
     def __post_init__(self) -> None:
         if self.image_size is not None:
             _check_positive(self, "image_size")
-        _check_positive(self, "pool")
+        _check_positive(self, "pool", "min_size")
 
 
 @dataclass
@@ -139,9 +153,13 @@ class AudioEncoderConfig:
     """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
     audio_seconds: float = 30.0
     """Longest clip fed to the encoder; longer clips are cut. Frames are trimmed to true length."""
+    min_seconds: float = 0.1
+    """Clips shorter than this are bad samples (encoders.on_bad_sample): a one-sample clip would
+    be encoded from padding."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "audio_seconds")
+        _check_non_negative(self, "min_seconds")
 
 
 @dataclass
@@ -173,6 +191,11 @@ class EncodersConfig:
     num_workers: int | None = None
     """Processes per rank that read, decode and preprocess raw samples during extraction (0: the
     extracting process does it itself). Null: the cores per rank minus one, at most 8."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """A raw sample with NaN/inf audio, an empty caption, a clip shorter than audio.min_seconds or
+    an image smaller than vision.min_size, or one whose encoder output is not finite: `error`
+    stops extraction naming the shard and the key; `skip` leaves it out, counted by reason in
+    the shard's record, the manifest (`skipped`) and the end-of-run summary."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size")
@@ -488,6 +511,11 @@ class TrainConfig:
     """Align run directory whose adapters the instruct stage starts from."""
     freeze_adapters: bool = True
     """Keep the aligned adapters frozen in the instruct stage."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: `stop` ends the run with one line naming the step and the last good
+    checkpoint (nothing non-finite is ever saved); `skip` drops that micro-batch on every rank and
+    counts it in metrics.jsonl (as fp16 loss scaling skips overflowing steps), which costs one
+    device sync per micro-batch."""
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.max_steps is None):
@@ -642,6 +670,11 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Loading, validation, overrides and saving
 # --------------------------------------------------------------------------------------------
+
+
+def plain_name(name: str) -> bool:
+    """A file or directory name that stays inside its parent: no separator, not `.` or `..`."""
+    return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "-_." for c in name)
 
 
 def _check_positive(obj: Any, *names: str) -> None:

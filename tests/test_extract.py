@@ -52,7 +52,7 @@ def test_two_extractions_are_byte_identical(world, tmp_path):
     assert_same_store(world.store, other)
     # Layout: raw shard i became feature shard i, in both formats, plus one record each.
     train = sorted(p.name for p in (other / "train").iterdir())
-    assert train == ["extraction.json", "manifest.json"] + [
+    assert train == [".lock", "extraction.json", "manifest.json"] + [
         f"shard-{i:06d}{ext}" for i in range(6) for ext in (".h5", ".json", ".tar")
     ]
 

@@ -37,6 +37,7 @@ from edge_glass.features.stats import RunningMoments, row_sums
 from edge_glass.features.store import open_store
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
+from edge_glass.utils.locks import hold_collectively
 from edge_glass.utils.progress import progress_bar
 
 QUANTIZATION = "quantization.json"
@@ -111,6 +112,12 @@ def _convert_split(src: Path, dst: Path, split: str, settings: dict, formats: li
         if fmt not in ("hdf5", "webdataset"):
             raise UserError(f"--format: expected hdf5, webdataset or both, got {fmt!r}")
     out = dst / split
+    with hold_collectively(out, "store conversion"):
+        return _convert_locked_split(src, split, source, out, settings, formats, workers, overwrite)
+
+
+def _convert_locked_split(src: Path, split: str, source, out: Path, settings: dict, formats: list[str], workers: int,
+                          overwrite: bool) -> Path:
     refuse_mismatch(out, settings, overwrite)
     prepare_split_dir(out, settings, overwrite)
     n = len(source.shards)

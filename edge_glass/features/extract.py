@@ -28,7 +28,7 @@ import torch
 
 from edge_glass.config import Config
 from edge_glass.data.raw_shards import list_shards
-from edge_glass.encoders.base import EncodedBatch, FrozenEncoder
+from edge_glass.encoders.base import FrozenEncoder
 from edge_glass.features.manifest import (
     FORMAT_SUFFIX,
     FORMAT_VERSION,
@@ -39,6 +39,7 @@ from edge_glass.features.manifest import (
     split_dir,
 )
 from edge_glass.features.prepared_batches import default_num_workers, prepared_batches
+from edge_glass.features.sample_checks import nonfinite_samples
 from edge_glass.features.quantize import FLOAT_DTYPE, QUANTIZED, store_rows, zscore_record
 from edge_glass.features.shard_writer import ShardWriter, StoredBatch
 from edge_glass.features.split_records import prepare_split_dir, refuse_mismatch, shard_complete, write_manifest
@@ -46,6 +47,7 @@ from edge_glass.features.stats import RunningMoments, row_sums
 from edge_glass.utils import distributed as D
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
+from edge_glass.utils.locks import hold_collectively
 from edge_glass.utils.progress import progress_bar
 
 QUANTIZATION = "quantization.json"
@@ -114,19 +116,6 @@ def flat_rows(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(b * t, d).index_select(0, index)
 
 
-def stored_arrays(res: EncodedBatch, modality: str, token_dtype: str, pooled_dtype: str,
-                  zscore: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> dict:
-    """One modality's batch as stored, on the device: tokens (float or codes), scales, pooled,
-    and the per-dimension sums of the stored values (of the float16 values a quantised store
-    codes, so its statistics equal those of the float16 store of the same features).
-    `zscore`: per modality the (center, spread) codes are taken after, on the device."""
-    tokens, scales, reference = store_rows(flat_rows(res.tokens, res.lengths), token_dtype,
-                                           zscore[modality] if zscore else None)
-    pooled = res.pooled.to(FLOAT_DTYPE[pooled_dtype])
-    sums = {f"{modality}.tokens": row_sums(reference), f"{modality}.pooled": row_sums(pooled)}
-    return {"tokens": tokens, "scales": scales, "pooled": pooled, "sums": sums}
-
-
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A host copy of a device tensor, queued (page-locked destination); host tensors as they are."""
     if t.device.type == "cpu":
@@ -146,24 +135,36 @@ def zscore_tensors(quantization: dict | None, device: torch.device) -> dict | No
 
 def encode_batch(item: dict, encoders: dict[str, FrozenEncoder], token_dtype: str, pooled_dtype: str,
                  zscore: dict | None) -> StoredBatch:
-    """A prepared batch through every encoder; what is stored, on its way to the host."""
+    """A prepared batch through every encoder; what is stored, on its way to the host.
+
+    Per modality, on the device: padding cut, tokens converted or quantised (store_rows), and
+    the per-dimension sums of the stored values (of the float16 values a quantised store codes,
+    so its statistics equal those of the float16 store of the same features), over the samples
+    whose outputs are finite in every modality. The per-sample `bad` flags travel with the batch;
+    the writer refuses or leaves out those samples (encoders.on_bad_sample)."""
+    results = {m: enc.encode(item["inputs"][m]) for m, enc in encoders.items()}
+    rows = {m: flat_rows(res.tokens, res.lengths) for m, res in results.items()}
+    bad = sum(nonfinite_samples(rows[m], res.lengths, res.pooled) for m, res in results.items()) > 0
     tokens, lengths, scales, pooled, sums, dims = {}, {}, {}, {}, {}, {}
     device = None
-    for m, enc in encoders.items():
-        res = enc.encode(item["inputs"][m])
+    for m, res in results.items():
         device = res.tokens.device
-        arrays = stored_arrays(res, m, token_dtype, pooled_dtype, zscore)
-        tokens[m] = _to_host(arrays["tokens"])
-        scales[m] = None if arrays["scales"] is None else _to_host(arrays["scales"])
-        pooled[m] = _to_host(arrays["pooled"])
-        sums.update({f: _to_host(v) for f, v in arrays["sums"].items()})
+        stored, row_scales, reference = store_rows(rows[m], token_dtype, zscore[m] if zscore else None)
+        vectors = res.pooled.to(FLOAT_DTYPE[pooled_dtype])
+        keep_rows = torch.repeat_interleave(~bad, res.lengths.to(bad.device), output_size=int(res.lengths.sum()))
+        sums[f"{m}.tokens"] = _to_host(row_sums(reference, keep_rows))
+        sums[f"{m}.pooled"] = _to_host(row_sums(vectors, ~bad))
+        tokens[m] = _to_host(stored)
+        scales[m] = None if row_scales is None else _to_host(row_scales)
+        pooled[m] = _to_host(vectors)
         lengths[m] = res.lengths.numpy()
         dims[m] = int(res.tokens.shape[2])
     ready = None
     if device is not None and device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
-    return StoredBatch(item["keys"], item["captions"], item["meta"], tokens, lengths, scales, pooled, sums, dims, ready)
+    return StoredBatch(item["keys"], item["captions"], item["meta"], tokens, lengths, scales, pooled, sums, dims,
+                       bad=_to_host(bad), ready=ready)
 
 
 # --- quantisation statistics ----------------------------------------------------------------------
@@ -199,10 +200,15 @@ def calibrate(cfg: Config, encoders: dict[str, FrozenEncoder], batch_size: int) 
     moments: dict[str, RunningMoments] = {}
     seen = 0
     shards = [(i, p) for i, p in enumerate(list_shards(raw_dir))]
-    for item in prepared_batches(shards, batch_size, encoders, num_workers=0):
+    # Bad samples are left out here whatever encoders.on_bad_sample says (extraction itself then
+    # refuses or skips them), and so are non-finite rows: statistics over finite values only.
+    for item in prepared_batches(shards, batch_size, encoders, num_workers=0, on_bad_sample="skip"):
+        if not item["keys"]:
+            continue
         for m, enc in encoders.items():
             res = enc.encode(item["inputs"][m])
-            sums = row_sums(flat_rows(res.tokens, res.lengths).to(torch.float16)).cpu().numpy()
+            rows = flat_rows(res.tokens, res.lengths).to(torch.float16)
+            sums = row_sums(rows, torch.isfinite(rows).all(dim=1)).cpu().numpy()
             moments.setdefault(m, RunningMoments(sums.shape[1])).add(int(sums[0, 0]), sums[1], sums[2])
         seen += len(item["keys"])
         if seen >= want:
@@ -217,6 +223,14 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
                    batch_size: int, overwrite: bool, num_workers: int) -> Path:
     raw_shards = list_shards(Path(cfg.data.raw_dir) / split)
     out = split_dir(cfg.data.features_dir, split)
+    # One extraction per split at a time: a second one would delete this one's temporaries.
+    with hold_collectively(out, "extraction"):
+        return _extract_locked_split(cfg, split, raw_shards, out, encoders, settings, formats, batch_size, overwrite,
+                                     num_workers)
+
+
+def _extract_locked_split(cfg: Config, split: str, raw_shards: list[Path], out: Path, encoders: dict[str, FrozenEncoder],
+                          settings: dict, formats: list[str], batch_size: int, overwrite: bool, num_workers: int) -> Path:
     rank, world = D.rank(), D.world_size()
     refuse_mismatch(out, settings, overwrite)
     if rank == 0:
@@ -229,10 +243,11 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
     total = sum(counts.get(i, 0) for i in todo) * world if counts else None  # rank 0's share, scaled
     skipped = len(mine) - len(todo)
     device = next(iter(encoders.values())).device
+    on_bad = cfg.encoders.on_bad_sample
     items = prepared_batches([(i, raw_shards[i]) for i in todo], batch_size, encoders, num_workers,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", on_bad_sample=on_bad)
     zscore = zscore_tensors(settings.get("quantization"), device)
-    writer = ShardWriter(out, formats, settings)
+    writer = ShardWriter(out, formats, settings, on_bad)
     expected = iter(todo)
     current = None
     try:
@@ -243,8 +258,10 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
                         writer.end()
                     current = _next_shard(expected, item["shard"], raw_shards)
                     writer.begin(current, raw_shards[current])
-                writer.add(encode_batch(item, encoders, settings["token_dtype"], settings["pooled_dtype"], zscore))
-                bar.advance(len(item["keys"]) * world)
+                stored = (encode_batch(item, encoders, settings["token_dtype"], settings["pooled_dtype"], zscore)
+                          if item["keys"] else None)
+                writer.add(stored, item["skipped"])
+                bar.advance((len(item["keys"]) + sum(item["skipped"].values())) * world)
             if current is not None:
                 writer.end()
             leftover = next(expected, None)
@@ -256,9 +273,13 @@ def _extract_split(cfg: Config, split: str, encoders: dict[str, FrozenEncoder], 
         raise
     D.barrier()
     if rank == 0:
-        write_manifest(out, split, len(raw_shards), settings, {"raw_dir": str(cfg.data.raw_dir)})
+        manifest = write_manifest(out, split, len(raw_shards), settings, {"raw_dir": str(cfg.data.raw_dir)})
         if skipped:
             print(f"extract {split}: {skipped} shard(s) were already complete and kept")
+        if manifest.get("skipped"):
+            left_out = manifest["skipped"]
+            print(f"extract {split}: left out {sum(left_out.values())} bad sample(s) "
+                  f"({', '.join(f'{k}: {v}' for k, v in left_out.items())}; encoders.on_bad_sample: skip)")
     D.barrier()
     return out / MANIFEST
 

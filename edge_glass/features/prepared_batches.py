@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from edge_glass.data.raw_shards import decode_sample, iter_shard_raw
 from edge_glass.encoders.base import FrozenEncoder
+from edge_glass.features.sample_checks import raw_problem
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.prefetch import prefetch
 
@@ -63,8 +65,10 @@ def prepare_batch(samples: list[dict], encoders: dict[str, FrozenEncoder], path:
 class _ShardBatches(IterableDataset):
     """Batches of `shards` (index, path) in order; in a worker, only that worker's share."""
 
-    def __init__(self, shards: list[tuple[int, Path]], batch_size: int, encoders: dict[str, FrozenEncoder]) -> None:
+    def __init__(self, shards: list[tuple[int, Path]], batch_size: int, encoders: dict[str, FrozenEncoder],
+                 on_bad_sample: str) -> None:
         self.shards, self.batch_size, self.encoders = shards, batch_size, encoders
+        self.on_bad_sample = on_bad_sample
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -84,12 +88,31 @@ class _ShardBatches(IterableDataset):
                 raw.append(sample)
                 if len(raw) == self.batch_size:
                     if number % workers == worker:
-                        yield prepare_batch([decode_sample(r, str(path)) for r in raw], self.encoders, path, index)
+                        yield self._prepare(raw, path, index)
                     number, raw = number + 1, []
             if raw:
                 if number % workers == worker:
-                    yield prepare_batch([decode_sample(r, str(path)) for r in raw], self.encoders, path, index)
+                    yield self._prepare(raw, path, index)
                 number += 1
+
+    def _prepare(self, raw: list[dict], path: Path, index: int) -> dict:
+        """One batch, its bad samples refused or left out (and counted: a batch left with no
+        sample still travels, with its counts)."""
+        samples, skipped = [], Counter()
+        for r in raw:
+            sample = decode_sample(r, str(path))
+            problem = raw_problem(sample, self.encoders)
+            if problem is None:
+                samples.append(sample)
+            elif self.on_bad_sample == "skip":
+                skipped[problem[0]] += 1
+            else:
+                raise UserError(f"{path}: sample {sample['key']!r}: {problem[1]}; fix the raw data, or set "
+                                "encoders.on_bad_sample: skip to leave such samples out (they are counted)")
+        item = prepare_batch(samples, self.encoders, path, index) if samples else {
+            "shard": index, "keys": [], "captions": [], "meta": [], "inputs": {}}
+        item["skipped"] = dict(skipped)
+        return item
 
 
 def _members(path: Path) -> Iterator[dict]:
@@ -105,11 +128,12 @@ def _worker_init(_: int) -> None:
 
 
 def prepared_batches(shards: list[tuple[int, Path]], batch_size: int, encoders: dict[str, FrozenEncoder],
-                     num_workers: int, pin_memory: bool = False) -> Iterator[dict]:
-    """Every batch of `shards`, in order, with `shard`, `keys`, `captions`, `meta` (JSON text) and
-    `inputs` (per modality, what its encoder's `encode` takes). With `num_workers` 0 a thread
+                     num_workers: int, pin_memory: bool = False, on_bad_sample: str = "error") -> Iterator[dict]:
+    """Every batch of `shards`, in order, with `shard`, `keys`, `captions`, `meta` (JSON text),
+    `inputs` (per modality, what its encoder's `encode` takes) and `skipped` (reason -> samples
+    left out, with `on_bad_sample` "skip"; sample_checks.py). With `num_workers` 0 a thread
     prepares the next batches while the caller encodes."""
-    dataset = _ShardBatches(shards, batch_size, encoders)
+    dataset = _ShardBatches(shards, batch_size, encoders, on_bad_sample)
     if num_workers <= 0:
         items: Iterator[dict] = prefetch(iter(dataset), depth=2)
     else:

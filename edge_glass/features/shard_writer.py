@@ -9,10 +9,13 @@ encoders down instead of filling memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import queue
+import shutil
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,10 @@ import torch
 from edge_glass.features.block import FeatureBlock, ModalityArrays
 from edge_glass.features.hdf5_shard import write_hdf5_shard
 from edge_glass.features.manifest import FORMAT_SUFFIX, FORMAT_VERSION, read_json, shard_stem
+from edge_glass.features.sample_checks import NONFINITE_FEATURES
 from edge_glass.features.stats import RunningMoments
 from edge_glass.features.wds_shard import write_wds_shard
+from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import atomic_path, sha256_file, write_text_atomic
 
 
@@ -45,6 +50,8 @@ class StoredBatch:
     """Per field (`vision.tokens`, ...): [3, D] float64 rows: count, sum, sum of squares."""
     dims: dict[str, int]
     """Per modality: the token width D (int4 stores D/2 bytes a row)."""
+    bad: torch.Tensor | None = None
+    """[B] bool: samples whose encoder output is not finite in some modality."""
     ready: Any = None
     """A CUDA event recorded after the copies to the host; None when nothing is in flight."""
 
@@ -55,13 +62,15 @@ class _Shard:
     raw_path: Path
     started: float = field(default_factory=time.perf_counter)
     batches: list[StoredBatch] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
 
 
 class ShardWriter:
     """A thread that assembles and writes shards of split directory `out`."""
 
-    def __init__(self, out: Path, formats: list[str], settings: dict, depth: int = 4) -> None:
+    def __init__(self, out: Path, formats: list[str], settings: dict, on_bad_sample: str = "error", depth: int = 4) -> None:
         self.out, self.formats, self.settings = out, formats, settings
+        self.on_bad_sample = on_bad_sample
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._current: _Shard | None = None
@@ -71,8 +80,10 @@ class ShardWriter:
     def begin(self, index: int, raw_path: Path) -> None:
         self._put(("begin", index, raw_path))
 
-    def add(self, batch: StoredBatch) -> None:
-        self._put(("add", batch))
+    def add(self, batch: StoredBatch | None, skipped: dict | None = None) -> None:
+        """A batch of the current shard (None: all its samples were left out) and the samples
+        left out of it, by reason."""
+        self._put(("add", batch, skipped or {}))
 
     def end(self) -> None:
         """The current shard is complete: write it."""
@@ -118,7 +129,9 @@ class ShardWriter:
                 if item[0] == "begin":
                     self._current = _Shard(item[1], item[2])
                 elif item[0] == "add":
-                    self._current.batches.append(item[1])
+                    if item[1] is not None:
+                        self._current.batches.append(item[1])
+                    self._current.skipped.update(item[2])
                 else:
                     self._write(self._current)
                     self._current = None
@@ -129,9 +142,53 @@ class ShardWriter:
         for b in shard.batches:
             if b.ready is not None:
                 b.ready.synchronize()
-        block, moments, dims = assemble(shard.batches)
-        write_shard_files(self.out, shard.index, shard.raw_path, block, moments, dims, self.formats, self.settings,
-                          time.perf_counter() - shard.started)
+        batches = [self._finite(b, shard) for b in shard.batches]
+        batches = [b for b in batches if b.keys]
+        if not batches:
+            raise UserError(f"{shard.raw_path}: every sample of this raw shard was left out "
+                            f"({', '.join(f'{k}: {v}' for k, v in sorted(shard.skipped.items()))}); check the raw data")
+        block, moments, dims = assemble(batches)
+        try:
+            write_shard_files(self.out, shard.index, shard.raw_path, block, moments, dims, self.formats, self.settings,
+                              time.perf_counter() - shard.started, dict(shard.skipped))
+        except OSError as e:
+            raise disk_error(self.out, e, f"writing feature shard {shard.index}") from None
+
+    def _finite(self, b: StoredBatch, shard: _Shard) -> StoredBatch:
+        """The batch without its samples of non-finite outputs (or the error naming the first)."""
+        bad = b.bad.numpy().astype(bool) if b.bad is not None else np.zeros(len(b.keys), bool)
+        if not bad.any():
+            return b
+        first = b.keys[int(np.flatnonzero(bad)[0])]
+        if self.on_bad_sample != "skip":
+            raise UserError(f"{shard.raw_path}: sample {first!r}: the encoders' output holds NaN or inf; fix the raw "
+                            "data, or set encoders.on_bad_sample: skip to leave such samples out (they are counted)")
+        shard.skipped[NONFINITE_FEATURES] += int(bad.sum())
+        return drop_samples(b, ~bad)
+
+
+def drop_samples(b: StoredBatch, keep: np.ndarray) -> StoredBatch:
+    """The batch with only the samples where `keep` is true (its sums already exclude the rest)."""
+    pick = np.flatnonzero(keep)
+    tokens, scales, lengths, pooled = {}, {}, {}, {}
+    for m in b.tokens:
+        row_keep = np.repeat(keep, b.lengths[m])
+        tokens[m] = b.tokens[m][torch.from_numpy(row_keep)]
+        scales[m] = None if b.scales[m] is None else b.scales[m][torch.from_numpy(row_keep)]
+        lengths[m] = b.lengths[m][pick]
+        pooled[m] = b.pooled[m][torch.from_numpy(pick)]
+    return StoredBatch([b.keys[i] for i in pick], [b.captions[i] for i in pick], [b.meta[i] for i in pick],
+                       tokens, lengths, scales, pooled, b.sums, b.dims)
+
+
+def disk_error(directory: Path, error: OSError, doing: str) -> BaseException:
+    """An OSError while writing as one line: the directory and its free space when it is full."""
+    # h5py reports a full disk as an OSError without an errno, the reason only in its text.
+    if error.errno != errno.ENOSPC and "No space left" not in str(error):
+        return error
+    free = shutil.disk_usage(directory).free
+    return UserError(f"{doing} in {directory} failed: no space left on the device ({free / 2**20:,.0f} MiB free); "
+                     "complete shards are kept: free space and re-run extraction to finish")
 
 
 def assemble(batches: list[StoredBatch]) -> tuple[FeatureBlock, dict[str, RunningMoments], dict[str, int]]:
@@ -158,7 +215,8 @@ def assemble(batches: list[StoredBatch]) -> tuple[FeatureBlock, dict[str, Runnin
 
 
 def write_shard_files(out: Path, index: int, raw_path: Path, block: FeatureBlock, moments: dict[str, RunningMoments],
-                      dims: dict[str, int], formats: list[str], settings: dict, seconds: float) -> None:
+                      dims: dict[str, int], formats: list[str], settings: dict, seconds: float,
+                      skipped: dict | None = None) -> None:
     """Shard `index`'s files in `formats` and, last, its record (which marks it complete)."""
     stem = shard_stem(index)
     files = {}
@@ -192,6 +250,7 @@ def write_shard_files(out: Path, index: int, raw_path: Path, block: FeatureBlock
         "files": files,
         "fields": fields,
         "moments": {k: v.to_json() for k, v in moments.items()},
+        "skipped": dict(sorted((skipped or {}).items())),
         "seconds": round(seconds, 3),
     }
     write_text_atomic(out / f"{stem}.json", json.dumps(record, sort_keys=True))

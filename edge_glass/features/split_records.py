@@ -60,8 +60,9 @@ def shard_complete(out: Path, index: int, formats: list[str]) -> bool:
     return all(fmt in have and (out / have[fmt]["file"]).is_file() for fmt in formats)
 
 
-def write_manifest(out: Path, split: str, num_shards: int, settings: dict, source: dict) -> None:
-    """The split's manifest from its shard records: formats, fields, counts, merged statistics."""
+def write_manifest(out: Path, split: str, num_shards: int, settings: dict, source: dict) -> dict:
+    """The split's manifest from its shard records: formats, fields, counts, merged statistics,
+    and the samples left out by reason; returns it."""
     records = []
     for i in range(num_shards):
         path = out / f"{shard_stem(i)}.json"
@@ -106,4 +107,11 @@ def write_manifest(out: Path, split: str, num_shards: int, settings: dict, sourc
     }
     if "quantization" in settings:
         manifest["quantization"] = settings["quantization"]
+    skipped: dict[str, int] = {}
+    for r in records:
+        for reason, n in r.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if skipped:
+        manifest["skipped"] = dict(sorted(skipped.items()))
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest

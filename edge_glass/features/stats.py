@@ -53,10 +53,16 @@ class RunningMoments:
         return m
 
 
-def row_sums(rows: torch.Tensor) -> torch.Tensor:
+def row_sums(rows: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """[3, D] float64 on the rows' device: the row count (in every column), the per-dimension
-    sum and the sum of squares of `rows` [N, D]. Computed where the rows are (the extraction's
-    device), so only 3 x D numbers travel to the host per batch."""
+    sum and the sum of squares of `rows` [N, D], over the rows where `keep` is true (all by
+    default; a sample left out for non-finite values must not make the statistics NaN).
+    Computed where the rows are (the extraction's device), so only 3 x D numbers travel to the
+    host per batch."""
     x = rows.double()
-    count = torch.full_like(x[:1].sum(0), float(x.shape[0]))
+    if keep is None:
+        count = torch.full_like(x[:1].sum(0), float(x.shape[0]))
+    else:
+        x = torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        count = keep.double().sum().expand(x.shape[1])
     return torch.stack([count, x.sum(0), (x * x).sum(0)])

@@ -18,11 +18,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from edge_glass.config import Config
+from edge_glass.config import Config, plain_name
 from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, concat_blocks
 from edge_glass.features.hdf5_shard import Hdf5Shard
 from edge_glass.features.manifest import (
     EXTRACT_HINT,
+    MANIFEST,
     differences,
     load_manifest,
     manifest_encoder_fingerprint,
@@ -69,6 +70,10 @@ class FeatureSplit:
         # (`manifest.json` itself has them all; `verify` and the converter read it.)
         shards = self.manifest.pop("shards")
         self.shard_files = [s["files"][backend]["file"] for s in shards]
+        unsafe = next((f for f in self.shard_files if not plain_name(f)), None)
+        if unsafe is not None:
+            # A manifest is data a user may be handed: its file entries must stay in the split.
+            raise UserError(f"{self.path / MANIFEST}: shard file {unsafe!r} is not a plain file name; refusing the manifest")
         self.shard_bytes = np.array([s["files"][backend].get("bytes", -1) for s in shards], dtype=np.int64)
         self.shard_sizes = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_glass.config import plain_name
+from edge_glass.features.integrity import check_file
 from edge_glass.features.manifest import MANIFEST, read_json
 from edge_glass.features.store import _SHARD_CLASS
-from edge_glass.utils.io import sha256_file
 
 
 def verify_store(store: str | Path) -> list[str]:
@@ -21,15 +22,13 @@ def verify_store(store: str | Path) -> list[str]:
         split = manifest_path.parent
         for shard in manifest["shards"]:
             for fmt, entry in shard["files"].items():
+                if not plain_name(entry["file"]):
+                    problems.append(f"{manifest_path}: shard file {entry['file']!r} is not a plain file name")
+                    continue
                 path = split / entry["file"]
-                if not path.is_file():
-                    problems.append(f"{path}: missing")
-                    continue
-                if path.stat().st_size != entry["bytes"]:
-                    problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-                    continue
-                if sha256_file(path) != entry["sha256"]:
-                    problems.append(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
+                found = check_file(path, entry["bytes"], entry["sha256"])
+                if found:
+                    problems.append(found)
                     continue
                 count = len(_SHARD_CLASS[fmt](path))
                 if count != shard["num_samples"]:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from edge_glass.training import checkpoint as ckpt
+from edge_glass.training.safe_load import safe_torch_load
 from edge_glass.utils.cli import run_main
 from edge_glass.utils.errors import UserError
 
@@ -41,7 +42,8 @@ def to_universal(run_dir: Path, checkpoint: Path | None = None) -> Path:
             input_folder=str(source), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
             keep_temp_folder=False, strict=True, inject_missing_state=True,
         )
-        ds_to_universal(args)
+        with safe_torch_load():
+            ds_to_universal(args)
         for name in [p.name for p in source.glob("rng_state_*.pt")] + [ckpt.META]:
             shutil.copy2(source / name, out / name)
         (out / ckpt.COMPLETE).write_text("")

@@ -5,6 +5,10 @@ high (ties count against the query, so a collapsed model that scores everything 
 the worst rank, not a lucky first place). Keys that share the query's group id (the same
 caption) are not competitors. Scores are computed `chunk_size` queries at a time, so a
 100k x 100k similarity matrix never exists in memory.
+
+Non-finite values never score well: a non-finite embedding is an error (a diverged model would
+otherwise rank every query first, since NaN >= x is false for every x), and a non-finite score
+ranks last.
 """
 
 from __future__ import annotations
@@ -12,19 +16,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edge_glass.utils.errors import UserError
+
+
+class NonFiniteEmbeddings(UserError):
+    """Embeddings holding NaN or inf: the model diverged (or its inputs are corrupt)."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):
+        raise NonFiniteEmbeddings(
+            f"{int(bad.sum())} of {len(x)} {what} embeddings are not finite (NaN or inf): the model diverged or its "
+            "inputs are corrupt; retrieval metrics of such a model are meaningless"
+        )
+
 
 def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, group_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[N] rank (1 = best) of each query's own key among all keys, by cosine similarity."""
+    check_finite(queries, "query")
+    check_finite(keys, "key")
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
     n = q.shape[0]
     out = torch.empty(n, dtype=torch.long)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        scores = q[start:stop] @ k.T  # [c, N]
+        # A non-finite score (impossible from finite unit vectors, but never trusted) ranks last:
+        # as a competitor it beats nothing, as the query's own it is beaten by everything.
+        scores = torch.nan_to_num(q[start:stop] @ k.T, nan=-torch.inf)  # [c, N]
         rows = torch.arange(stop - start)
         own = scores[rows, torch.arange(start, stop)]
-        beats = scores >= own[:, None]
+        beats = (scores >= own[:, None]) | ~torch.isfinite(own)[:, None]
         beats[rows, torch.arange(start, stop)] = False  # a key does not compete with itself
         if group_ids is not None:
             beats &= group_ids[start:stop, None] != group_ids[None, :]

@@ -14,6 +14,7 @@ from edge_glass.config import Config, load_config
 from edge_glass.features.store import open_store
 from edge_glass.models.alignment import AlignmentModel, FeatureInfo
 from edge_glass.training import checkpoint as ckpt
+from edge_glass.training.safe_load import safe_torch_load
 from edge_glass.utils.errors import UserError
 
 
@@ -34,9 +35,15 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
 
 
 def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained weights, consolidated to fp32 (any ZeRO stage); refuses a
+    checkpoint whose files no longer match meta.json, or whose pickles reference code."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    found = ckpt.problems(checkpoint)
+    if found:
+        raise UserError(f"{checkpoint} is corrupt ({found[0]}); use another checkpoint (--checkpoint)")
+    with safe_torch_load():
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
 def load_alignment_model(run_dir: str | Path, which: str = "best") -> tuple[Config, AlignmentModel, Path]:

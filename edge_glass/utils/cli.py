@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
-from edge_glass.utils.errors import UserError
+from edge_glass.utils.errors import AgreedError, UserError
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
@@ -14,7 +15,8 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not (isinstance(e, AgreedError) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

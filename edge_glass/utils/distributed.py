@@ -39,6 +39,24 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a picklable Python object)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank (picklable Python objects)."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

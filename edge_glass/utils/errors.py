@@ -9,3 +9,8 @@ keeps its traceback.
 
 class UserError(Exception):
     """A problem in the user's input (config, paths, data) with a message that says how to fix it."""
+
+
+class AgreedError(UserError):
+    """A `UserError` every rank of a distributed run raises alike (they agreed on it through a
+    collective): only rank 0 prints it, so the user reads one line, not one per rank."""
