@@ -513,9 +513,9 @@ class TrainConfig:
     """Keep the aligned adapters frozen in the instruct stage."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: `stop` ends the run with one line naming the step and the last good
-    checkpoint (nothing non-finite is ever saved); `skip` drops that micro-batch on every rank and
-    counts it in metrics.jsonl (as fp16 loss scaling skips overflowing steps), which costs one
-    device sync per micro-batch."""
+    checkpoint (nothing non-finite is ever saved); `skip` leaves out that optimizer step (DeepSpeed's
+    ZeRO optimizers skip steps with non-finite gradients, as fp16 loss scaling does) and counts it
+    as `skipped_nonfinite` in metrics.jsonl."""
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.max_steps is None):

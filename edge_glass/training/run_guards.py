@@ -3,6 +3,9 @@
 Every optimizer step the ranks agree, with one all-reduce, on two things: should they stop (a
 rank was signalled, or its launcher is gone), and did any rank see a non-finite loss. Agreeing
 matters: a rank that stopped alone would leave the others waiting in DeepSpeed's next collective.
+(DeepSpeed's ZeRO optimizers themselves skip a step whose gradients are not finite, so a NaN
+loss does not reach the weights; the trainer then stops, or with `train.on_nonfinite: skip`
+counts the skipped step and goes on.)
 
 Launchers. `torchrun` forwards SIGTERM to the ranks, but DeepSpeed's runner forwards signals only
 for multi-node launches, and a launcher killed with SIGKILL forwards nothing: the ranks would
@@ -65,8 +68,11 @@ class StepChecks:
         self.device = device
         self._bad = torch.zeros((), dtype=torch.float32, device=device)
 
-    def note(self, loss: torch.Tensor) -> None:
-        self._bad = torch.maximum(self._bad, (~torch.isfinite(loss.detach())).float())
+    def note(self, loss: torch.Tensor) -> torch.Tensor:
+        """Mark a non-finite loss; returns the (device) finiteness of this one."""
+        finite = torch.isfinite(loss.detach())
+        self._bad = torch.maximum(self._bad, (~finite).float())
+        return finite
 
     def agree(self, stop: StopFlag) -> tuple[bool, bool]:
         """(stop, non-finite loss) as every rank sees them; clears the non-finite mark."""
@@ -78,15 +84,6 @@ class StepChecks:
         if stopping and not stop.requested:
             stop.request("signal or launcher exit on another rank")
         return stopping, bad
-
-
-def agree_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank (`train.on_nonfinite: skip` decides before the
-    backward pass, so every rank must skip the same micro-batch: one sync per micro-batch)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if D.world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
 
 
 def params_finite(module: torch.nn.Module) -> bool:

@@ -55,7 +55,10 @@ def safe_torch_load() -> Iterator[None]:
             with torch.serialization.safe_globals(allowed):
                 return original(f, map_location=map_location, weights_only=True, **extra, **kwargs)
         except pickle.UnpicklingError as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # torch's message is a paragraph; the line that matters names the global it refused.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__)
+            detail = detail.split(" If you ")[0].split(". Please ")[0]
             raise UnsafeCheckpoint(
                 f"{f}: refused to load: the file references code, not just tensors ({detail}). Checkpoints run "
                 "whatever code they reference when unpickled; load only files you made or trust"

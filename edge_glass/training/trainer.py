@@ -32,7 +32,7 @@ from edge_glass.training import resume as R
 from edge_glass.training.align_task import AlignTask, to_device
 from edge_glass.training.ds_config import build_ds_config, resolve_precision, zero_stage
 from edge_glass.training.flops import count_flops, mfu, peak_flops
-from edge_glass.training.run_guards import LauncherWatch, NonFiniteLoss, StepChecks, StopFlag, agree_finite, params_finite
+from edge_glass.training.run_guards import LauncherWatch, NonFiniteLoss, StepChecks, StopFlag, params_finite
 from edge_glass.training.run_log import MetricsLog, parameter_table
 from edge_glass.training.schedule import lr_factor
 from edge_glass.utils import distributed as D
@@ -187,7 +187,7 @@ class _Loop:
         self.s = s
         self.step = s.engine.global_steps
         self.last_saved = self.step if s.resumed else -1
-        self.window = {"loss": 0.0, "micro": 0, "wait": 0.0, "skipped": 0, "t0": time.perf_counter()}
+        self.window = {"loss": 0.0, "finite": 0.0, "micro": 0, "wait": 0.0, "skipped": 0, "t0": time.perf_counter()}
         self.peak = peak_flops(s.engine.device, _compute_dtype(s.precision))
         self.flops_per_micro: int | None = None
         self.skip_nonfinite = s.cfg.train.on_nonfinite == "skip"
@@ -223,25 +223,20 @@ class _Loop:
             loss, parts = self._micro_step(to_device(batch, s.engine.device))
             lr_used = float(s.scheduler.get_last_lr()[0])  # the rate this step trains with
             s.engine.step()
-            if parts is None:  # skipped: non-finite on some rank (train.on_nonfinite: skip)
-                window["skipped"] += 1
-            else:
-                checks.note(loss)
-                window["loss"] = window["loss"] + loss.detach()  # no device sync until a logged step
-                window["micro"] += 1
+            # Device tensors only: no sync until the step's one agreement below.
+            finite = checks.note(loss)
+            window["loss"] = window["loss"] + torch.where(finite, loss.detach(), torch.zeros_like(loss.detach()))
+            window["finite"] = window["finite"] + finite.float()
+            window["micro"] += 1
             if s.engine.global_steps == self.step:
                 continue  # inside a gradient-accumulation window
             self.step = step = s.engine.global_steps
             bar.advance(1)
             stopping, nonfinite = checks.agree(stop)
             if nonfinite:
-                raise NonFiniteLoss(
-                    f"the loss became non-finite (NaN or inf) at step {step}; nothing after {_last_good(s.run_dir)} "
-                    "is saved. Resume from there with --resume auto after lowering optim.lr or checking the data, "
-                    "or set train.on_nonfinite: skip"
-                )
+                self._nonfinite(step)
             if step % s.cfg.train.log_interval == 0 or step == s.total_steps:
-                self._log(step, lr_used, parts or {}, bar)
+                self._log(step, lr_used, parts, bar)
             improved = (step % s.cfg.train.eval_interval == 0 or step == s.total_steps) and self.evaluate(step)
             # A new best is saved at once, so "best" always names a checkpoint on disk.
             if improved or step % s.cfg.train.save_interval == 0 or step == s.total_steps or stopping:
@@ -261,9 +256,24 @@ class _Loop:
             # extra work): the FLOPs of later micro-batches of the same shape, for MFU. Only on
             # GPUs with a known peak.
             out: dict = {}
-            self.flops_per_micro = count_flops(lambda: _forward_backward(s.task, s.engine, batch, out, self.skip_nonfinite))
+            self.flops_per_micro = count_flops(lambda: _forward_backward(s.task, s.engine, batch, out))
             return out["loss"], out["parts"]
-        return _forward_backward(s.task, s.engine, batch, skip_nonfinite=self.skip_nonfinite)
+        return _forward_backward(s.task, s.engine, batch)
+
+    def _nonfinite(self, step: int) -> None:
+        """A non-finite loss in this step, on some rank. DeepSpeed's ZeRO optimizers skip a step
+        whose gradients are not finite (as with fp16 loss scaling), so the weights are intact;
+        `skip` counts that and goes on, `stop` ends the run (nothing after the last checkpoint)."""
+        s = self.s
+        if self.skip_nonfinite and not s.engine.was_step_applied():
+            self.window["skipped"] += 1
+            return
+        applied = " (and this DeepSpeed configuration applied the step)" if self.skip_nonfinite else ""
+        raise NonFiniteLoss(
+            f"the loss became non-finite (NaN or inf) at step {step}{applied}; nothing after {_last_good(s.run_dir)} "
+            "is saved. Resume from there with --resume auto after lowering optim.lr or checking the data"
+            + ("" if self.skip_nonfinite else ", or set train.on_nonfinite: skip")
+        )
 
     def _log(self, step: int, lr: float, parts: dict, bar) -> None:
         s = self.s
@@ -275,7 +285,7 @@ class _Loop:
                                f"{record['samples_per_s']:,.0f} samples/s · data wait {100 * record['data_wait']:.0f}%"
                                + (f" · MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
         s.log.write(record)
-        self.window.update(loss=0.0, micro=0, wait=0.0, skipped=0, t0=time.perf_counter())
+        self.window.update(loss=0.0, finite=0.0, micro=0, wait=0.0, skipped=0, t0=time.perf_counter())
 
     def save(self) -> None:
         s, step = self.s, self.step
@@ -309,12 +319,14 @@ class _Loop:
 
 def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int,
                 device: torch.device, flops_per_micro: int | None, peak: float | None) -> dict:
-    """The window's metrics.jsonl record; `mfu` only where the FLOPs and the device's peak are known."""
+    """The window's metrics.jsonl record (the loss averaged over its finite micro-batches, with
+    `skipped_nonfinite` steps counted); `mfu` only where the FLOPs and the device's peak are known."""
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    loss = torch.as_tensor(window["loss"], dtype=torch.float32, device=device).reshape(1) / max(window["micro"], 1)
+    totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=device).reshape(())
+                          for k in ("loss", "finite")])
     if world > 1:
-        dist.all_reduce(loss)
-        loss /= world
+        dist.all_reduce(totals)
+    loss = totals[0] / totals[1].clamp(min=1)
     utilisation = mfu(flops_per_micro * window["micro"], elapsed, peak) if flops_per_micro else None
     return {
         "kind": "train",
@@ -330,13 +342,9 @@ def _log_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr:
     }
 
 
-def _forward_backward(task, engine, batch: dict, out: dict | None = None, skip_nonfinite: bool = False):
-    """(loss, logged parts); parts is None when the micro-batch was skipped for a non-finite loss."""
+def _forward_backward(task, engine, batch: dict, out: dict | None = None):
     loss, parts = task.loss(engine, batch)
-    if skip_nonfinite and not agree_finite(loss):
-        parts = None  # no backward: every rank skips it alike (agree_finite is a collective)
-    else:
-        engine.backward(loss)
+    engine.backward(loss)
     if out is not None:
         out.update(loss=loss, parts=parts)
     return loss, parts

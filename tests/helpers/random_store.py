@@ -25,8 +25,10 @@ TINY_SHAPES = {"vision": (6, 16, 16), "audio": ((3, 9), 16, 16), "text": ((2, 7)
 
 
 def random_store(root: Path, cfg: Config, shards: dict[str, tuple[int, int]], shapes: dict = TINY_SHAPES,
-                 seed: int = 0) -> Path:
-    """Splits of `num_shards` shards of `shard_size` samples each, under `root`."""
+                 seed: int = 0, nan_shards: dict[str, set[int]] | None = None) -> Path:
+    """Splits of `num_shards` shards of `shard_size` samples each, under `root`. Shards listed
+    in `nan_shards[split]` hold NaN vision tokens and pooled vectors (statistics over the finite values only, as
+    extraction computes them): a store whose bad values got past extraction."""
     rng = np.random.default_rng(seed)
     encoders = {}
     for m in shapes:
@@ -48,9 +50,12 @@ def random_store(root: Path, cfg: Config, shards: dict[str, tuple[int, int]], sh
                 # Per-dimension offsets, as encoders have: standardisation has work to do.
                 tokens = (rng.standard_normal((int(offsets[-1]), width)) + np.arange(width) / width).astype(np.float16)
                 vectors = rng.standard_normal((shard_size, pooled)).astype(np.float16)
-                mods[m] = ModalityArrays(tokens, offsets, vectors)
                 for field, rows in ((f"{m}.tokens", tokens), (f"{m}.pooled", vectors)):
                     moments.setdefault(field, RunningMoments(rows.shape[1])).update(rows)
+                if m == "vision" and s in (nan_shards or {}).get(split, ()):
+                    tokens[:] = np.nan
+                    vectors[:] = np.nan
+                mods[m] = ModalityArrays(tokens, offsets, vectors)
             start = s * shard_size
             keys = [f"{split}-{start + i:08d}" for i in range(shard_size)]
             block = FeatureBlock(keys, [f"caption {split} {start + i}" for i in range(shard_size)],

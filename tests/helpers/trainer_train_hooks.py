@@ -8,6 +8,8 @@ trainer writes (rank 0) or would write (other ranks) a `kind: train` record of m
                                     computation, so losses and weights are a plain run's.
     TRAINER_TEST_FAIL_AT=RANK:STEP  raise RuntimeError on that rank only, after that step: a
                                     failure on one rank while the others carry on.
+    TRAINER_TEST_ENOSPC_STEP=N      every torch.save into checkpoint step<N> fails the way a full
+                                    disk makes it fail (OSError ENOSPC), on every rank.
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ def _hooked_write(self, record: dict) -> None:
 
 
 run_log.MetricsLog.write = _hooked_write
+
+ENOSPC_STEP = os.environ.get("TRAINER_TEST_ENOSPC_STEP")
+if ENOSPC_STEP:
+    import errno
+
+    import torch
+
+    _save = torch.save
+
+    def _full_disk_save(obj, f, *args, **kwargs):
+        if f"step{ENOSPC_STEP}" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = _full_disk_save
 script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
 sys.argv[0] = str(script)
 runpy.run_path(str(script), run_name="__main__")
