@@ -395,36 +395,40 @@ def _gone(pids: list[int], within: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_sigterm_to_the_launcher_pid_ends_in_a_checkpoint_and_no_process_left(tw, tmp_path, launcher):
-    name = f"term-{launcher}"
+def _signal_launcher(tw, tmp_path: Path, launcher: str, sig: int, name: str) -> tuple[Path, list[int], Launched]:
+    """Start a long 2-rank run under `launcher`, signal the launcher's PID alone at step 4;
+    returns the run, the launcher's descendants (the ranks, and deepspeed's launch.py) and it."""
     run = tw.run_dir(tmp_path, name)
     args = ["--set", f"experiment.name={name}", "--set", "train.max_steps=100000"]
     cmd = _deepspeed_cmd(tw.config, *args) if launcher == "deepspeed" else train_cmd(tw.config, *args, nproc=2)
-    with Launched(cmd, tmp_path) as launched:
-        wait_until(lambda: last_logged_step(run) >= 4, launched, "4 logged steps")
-        family = descendants(launched.pid)
-        os.kill(launched.pid, signal.SIGTERM)  # the PID the user's command started, nothing else
+    launched = Launched(cmd, tmp_path)
+    wait_until(lambda: last_logged_step(run) >= 4, launched, "4 logged steps")
+    family = descendants(launched.pid)
+    os.kill(launched.pid, sig)  # the PID the user's command started, nothing else
+    return run, family, launched
+
+
+def _no_half_checkpoint(run: Path) -> None:
+    half = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step") and not (p / "COMPLETE").exists()]
+    assert half == [], f"half-written checkpoints left: {half}"
+    assert all(ckpt.problems(checkpoint(run, s)) == [] for s in complete_steps(run))
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_launcher_pid_ends_in_a_checkpoint_and_no_process_left(tw, tmp_path, launcher):
+    run, family, launched = _signal_launcher(tw, tmp_path, launcher, signal.SIGTERM, f"term-{launcher}")
+    with launched:
         assert _gone(family + [launched.pid], 60), f"processes left: {launched.output()}"
-    step = last_logged_step(run)
-    assert complete_steps(run)[-1] == step and ckpt.problems(checkpoint(run, step)) == []
-    assert [p for p in (run / "checkpoints").iterdir() if not (p / "COMPLETE").exists() and p.name.startswith("step")] == []
+    assert complete_steps(run)[-1] == last_logged_step(run)
+    _no_half_checkpoint(run)
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_kill_9_of_the_launcher_ends_every_rank_within_seconds_without_a_half_checkpoint(tw, tmp_path, launcher):
-    name = f"orphan-{launcher}"
-    run = tw.run_dir(tmp_path, name)
-    args = ["--set", f"experiment.name={name}", "--set", "train.max_steps=100000"]
-    cmd = _deepspeed_cmd(tw.config, *args) if launcher == "deepspeed" else train_cmd(tw.config, *args, nproc=2)
-    with Launched(cmd, tmp_path) as launched:
-        wait_until(lambda: last_logged_step(run) >= 4, launched, "4 logged steps")
-        family = descendants(launched.pid)
-        os.kill(launched.pid, signal.SIGKILL)
+    run, family, launched = _signal_launcher(tw, tmp_path, launcher, signal.SIGKILL, f"orphan-{launcher}")
+    with launched:
         assert _gone(family, 10), f"ranks outlived their launcher: {launched.output()}"
-    half = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step") and not (p / "COMPLETE").exists()]
-    assert half == [], f"half-written checkpoints left: {half}"
-    assert all(ckpt.problems(checkpoint(run, s)) == [] for s in complete_steps(run))
+    _no_half_checkpoint(run)
 
 
 # --- 7. disk and paths -----------------------------------------------------------------------------

@@ -22,14 +22,7 @@ import numpy as np
 import torch
 
 from edge_glass.features.block import FeatureBlock, ModalityArrays
-from edge_glass.features.manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    encoder_fingerprint,
-    fingerprint,
-    manifest_encoder_fingerprint,
-    read_json,
-)
+from edge_glass.features.manifest import MANIFEST, encoder_fingerprint, manifest_encoder_fingerprint, read_json, store_settings
 from edge_glass.features.quantize import FLOAT_DTYPE, QUANTIZED, TOKEN_DTYPES, store_rows, zscore_record
 from edge_glass.features.shard_writer import write_shard_files
 from edge_glass.features.split_records import prepare_split_dir, refuse_mismatch, shard_complete, write_manifest
@@ -70,17 +63,7 @@ def convert_store(src: str | Path, dst: str | Path, token_dtype: str, pooled_dty
     quantization = None
     if token_dtype in QUANTIZED:
         quantization = _quantization(src, dst, stats_split, manifests, encoders, overwrite)
-    storage = {"token_dtype": token_dtype, "pooled_dtype": pooled_dtype, "quantization": quantization}
-    settings = {
-        "fingerprint": fingerprint(encoders, storage),
-        "encoder_fingerprint": encoder_fingerprint(encoders),
-        "format_version": FORMAT_VERSION,
-        "token_dtype": token_dtype,
-        "pooled_dtype": pooled_dtype,
-        "encoders": encoders,
-    }
-    if quantization is not None:
-        settings["quantization"] = quantization
+    settings = store_settings(encoders, token_dtype, pooled_dtype, quantization)
     out = {}
     for split in splits:
         out[split] = _convert_split(src, dst, split, settings, formats, workers, overwrite)

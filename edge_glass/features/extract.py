@@ -29,15 +29,7 @@ import torch
 from edge_glass.config import Config
 from edge_glass.data.raw_shards import list_shards
 from edge_glass.encoders.base import FrozenEncoder
-from edge_glass.features.manifest import (
-    FORMAT_SUFFIX,
-    FORMAT_VERSION,
-    MANIFEST,
-    encoder_fingerprint,
-    fingerprint,
-    read_json,
-    split_dir,
-)
+from edge_glass.features.manifest import FORMAT_SUFFIX, MANIFEST, encoder_fingerprint, read_json, split_dir, store_settings
 from edge_glass.features.prepared_batches import default_num_workers, prepared_batches
 from edge_glass.features.sample_checks import nonfinite_samples
 from edge_glass.features.quantize import FLOAT_DTYPE, QUANTIZED, store_rows, zscore_record
@@ -82,18 +74,7 @@ def extract_store(
     quantization = None
     if cfg.features.token_dtype in QUANTIZED:
         quantization = _quantization(cfg, encoders, described, batch, overwrite)
-    storage = {"token_dtype": cfg.features.token_dtype, "pooled_dtype": cfg.features.pooled_dtype,
-               "quantization": quantization}
-    settings = {
-        "fingerprint": fingerprint(described, storage),
-        "encoder_fingerprint": encoder_fingerprint(described),
-        "format_version": FORMAT_VERSION,
-        "token_dtype": cfg.features.token_dtype,
-        "pooled_dtype": cfg.features.pooled_dtype,
-        "encoders": described,
-    }
-    if quantization is not None:
-        settings["quantization"] = quantization
+    settings = store_settings(described, cfg.features.token_dtype, cfg.features.pooled_dtype, quantization)
     workers = num_workers if num_workers is not None else cfg.encoders.num_workers
     workers = default_num_workers() if workers is None else workers
     manifests = {}

@@ -29,7 +29,7 @@ import numpy as np
 from h5py import h5d
 
 from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, copy_rows
-from edge_glass.features.open_files import ShardCache, open_error
+from edge_glass.features.open_files import CachedShard, open_error
 from edge_glass.utils.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
@@ -174,24 +174,10 @@ class _OpenHdf5:
         self.file.close()
 
 
-class Hdf5Shard:
+class Hdf5Shard(CachedShard):
     """Read access to one HDF5 feature shard. Holds no open file itself: the split's `ShardCache`
     does (a bounded number, shared by the loader's threads); a shard made on its own gets a
     private cache of one."""
-
-    def __init__(self, path: Path, cache: ShardCache | None = None, expected_bytes: int | None = None,
-                 num_samples: int | None = None) -> None:
-        self.path = Path(path)
-        self.expected_bytes = expected_bytes
-        self._num_samples = num_samples
-        self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
-
-    # Equal by path: readers made on demand for the same file share one cache entry.
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, type(self)) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
 
     def open(self) -> _OpenHdf5:
         return _OpenHdf5(self.path, self.expected_bytes)

@@ -58,6 +58,23 @@ def fingerprint(encoders: dict[str, Any], storage: dict[str, Any]) -> str:
     return _digest({"format_version": FORMAT_VERSION, "encoders": encoders, "storage": storage})
 
 
+def store_settings(encoders: dict[str, Any], token_dtype: str, pooled_dtype: str, quantization: dict | None) -> dict:
+    """A split's `extraction.json`: the encoders, how their values are stored, both fingerprints.
+    Extraction and the store converter write splits under it (and refuse a split made otherwise)."""
+    storage = {"token_dtype": token_dtype, "pooled_dtype": pooled_dtype, "quantization": quantization}
+    settings = {
+        "fingerprint": fingerprint(encoders, storage),
+        "encoder_fingerprint": encoder_fingerprint(encoders),
+        "format_version": FORMAT_VERSION,
+        "token_dtype": token_dtype,
+        "pooled_dtype": pooled_dtype,
+        "encoders": encoders,
+    }
+    if quantization is not None:
+        settings["quantization"] = quantization
+    return settings
+
+
 def token_dtype(manifest: dict) -> str:
     """How the split stores token sequences (float16, float32, int8 or int4)."""
     return manifest.get("token_dtype") or manifest["store_dtype"]

@@ -173,3 +173,25 @@ class ShardCache:
             for handle in self._open.values():
                 handle.close()
             self._open.clear()
+
+
+class CachedShard:
+    """A shard file read through a split's `ShardCache` (a private cache of one when made on its
+    own). Readers hold no resources and are equal by path, so readers made on demand for the
+    same file share one cache entry. Subclasses say how to `open` it."""
+
+    def __init__(self, path, cache: ShardCache | None = None, expected_bytes: int | None = None,
+                 num_samples: int | None = None) -> None:
+        self.path = Path(path)
+        self.expected_bytes = expected_bytes
+        self._num_samples = num_samples
+        self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
+
+    def open(self) -> Any:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)

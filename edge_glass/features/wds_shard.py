@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, copy_rows
-from edge_glass.features.open_files import ShardCache, open_error
+from edge_glass.features.open_files import CachedShard, open_error
 from edge_glass.utils.errors import UserError
 
 
@@ -85,22 +85,8 @@ class _TarIndex:
         """Nothing stays open between reads; the cache drops the index."""
 
 
-class WdsShard:
+class WdsShard(CachedShard):
     """Random access to runs of samples of one WebDataset feature tar (see module docstring)."""
-
-    def __init__(self, path: Path, cache: ShardCache | None = None, expected_bytes: int | None = None,
-                 num_samples: int | None = None) -> None:
-        self.path = Path(path)
-        self.expected_bytes = expected_bytes
-        self._num_samples = num_samples
-        self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
-
-    # Equal by path: readers made on demand for the same file share one cache entry.
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, type(self)) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
 
     def open(self) -> _TarIndex:
         return _TarIndex(self.path, self.expected_bytes)
