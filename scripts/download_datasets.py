@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a raw dataset as WebDataset shards per split (DESIGN.md step 1).
+"""Write a raw dataset as WebDataset shards per split (the README's "Raw data" step).
 
     python scripts/download_datasets.py --dataset synthetic --num_samples 2000 --out data/synthetic
     python scripts/download_datasets.py --dataset pixmo_cap --num_samples 5000 --out data/raw/pixmo_cap

@@ -1,4 +1,4 @@
-"""Raw WebDataset shards: the one on-disk form every raw source is written in (DESIGN.md step 1).
+"""Raw WebDataset shards: the one on-disk form of every raw source (the README's "Raw data" step).
 
     <out>/dataset.json               source, generation and writer parameters, split sizes, modalities
     <out>/<split>/shard-NNNNNN.tar   per sample: <key>.png|jpg, <key>.flac|wav, <key>.txt, <key>.json

@@ -3,8 +3,8 @@
 Every sample is one point of the attribute space in `synthetic_attributes.py` shown three ways:
 a coloured shape on a grey canvas, a beep pattern whose pitch/timbre/loudness/count/onset encode
 the same attributes, and the caption. Because the modalities truly correspond, alignment and QA
-can be checked for real on a CPU with no download (shared/notes/learnability.md measured this
-space to be learnable by adapters on tiny random encoders).
+can be checked for real on a CPU with no download (adapters on tiny random encoders learn this
+space: tests/test_alignment_learning.py).
 
 Determinism: a sample is a pure function of (seed, split, index) through its own RNG, so any shard
 can be generated alone, in any process, in any order, and comes out byte-identical.

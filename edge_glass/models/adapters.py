@@ -5,8 +5,9 @@
     PerceiverAdapter  tokens [B, T, E] + mask [B, T]  -> [B, D]   (Perceiver resampler, then pool)
 
 Every adapter first z-scores its input with the train split's per-dimension statistics
-(`Standardize`; see notes/learnability.md for why a random Whisper needs it) and honours the
-token mask, so the values at padded positions never reach the output.
+(`Standardize`: a random Whisper's features carry large per-dimension offsets, and without
+standardisation the contrastive loss stays at chance; see `edge_glass/features/stats.py`) and
+honours the token mask, so the values at padded positions never reach the output.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class FlatProjector(nn.Module):
 
     Keeps where each token sits, which pooling throws away: with a small random CLIP, shape lives
     in the spatial pattern of the patch tokens, and only this adapter carried it into the shared
-    space (notes/learnability.md §3: flat tokens aligned first, then 84-96 % QA exact match, where
-    pooled features stayed at 50-56 %). Sequences are zero-padded (or cut) to the train split's
-    longest, `max_tokens`, so it suits fixed-length tokens (CLIP patches) best.
+    space (on the synthetic set, flat tokens aligned first, then reached 84-96 % QA exact match,
+    where pooled features stayed at 50-56 %). Sequences are zero-padded (or cut) to the train
+    split's longest, `max_tokens`, so it suits fixed-length tokens (CLIP patches) best.
     """
 
     uses_tokens = True

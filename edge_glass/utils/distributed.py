@@ -64,7 +64,7 @@ def barrier() -> None:
 
 def teardown(clean: bool = True) -> None:
     """Barrier, then destroy the group: without it 2 of 36 two-rank CPU runs aborted at exit
-    with 'terminate called without an active exception' (notes/cpu-stack.md P1).
+    with 'terminate called without an active exception'.
 
     After an error (`clean=False`) there is no barrier: the other ranks may be inside another
     collective, and a barrier would pair with it and hang instead of letting this rank exit
