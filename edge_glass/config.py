@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,15 +25,40 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from edge_glass.modalities import MODALITIES, PERCEPTUAL, pair_names, pair_needs, resolve
+from edge_glass.modalities import NAMES as MODALITY_NAMES
+from edge_glass.modalities import FUSION_INPUTS
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
 
-Modality = Literal["vision", "audio", "text"]
+Modality = Literal[MODALITY_NAMES]  # type: ignore[valid-type]  # the names in edge_glass/modalities.py
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ConfigError(UserError):
     """A config that does not match the schema; the message names the dotted path."""
+
+
+def _modality_fields(field_for):
+    """Class decorator (under @dataclass): one optional field per modality of the table in
+    edge_glass/modalities.py, before the class's own fields, so a new modality needs no edit
+    here. `field_for(spec)` gives (type, docstring); the docstrings go to `__field_docs__`,
+    the schema reference's source for generated fields."""
+
+    def add(cls: type) -> type:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        generated: dict[str, Any] = {}
+        docs: dict[str, str] = {}
+        for spec in MODALITIES:
+            tp, doc = field_for(spec)
+            generated[spec.name] = tp | None
+            docs[spec.name] = doc
+            setattr(cls, spec.name, None)
+        cls.__annotations__ = {**generated, **own}
+        cls.__field_docs__ = docs
+        return cls
+
+    return add
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,13 +205,10 @@ class TextEncoderConfig:
 
 
 @dataclass
+@_modality_fields(lambda spec: (resolve(spec.encoder_config), spec.encoder_doc))
 class EncodersConfig:
-    vision: VisionEncoderConfig | None = None
-    """Frozen image encoder; null for runs without images."""
-    audio: AudioEncoderConfig | None = None
-    """Frozen audio encoder; null for runs without audio."""
-    text: TextEncoderConfig | None = None
-    """Frozen caption encoder; null when no modality is aligned to text."""
+    # One field per modality (`vision`, `audio`, `text`, ...: its encoder's section) comes from
+    # the modality table; the settings below are shared by every encoder.
     batch_size: int = 64
     """Samples per encoder forward pass during extraction."""
     num_workers: int | None = None
@@ -204,7 +227,7 @@ class EncodersConfig:
 
     def enabled(self) -> list[str]:
         """Names of the modalities that have an encoder, in a fixed order."""
-        return [m for m in ("vision", "audio", "text") if getattr(self, m) is not None]
+        return [m for m in MODALITY_NAMES if getattr(self, m, None) is not None]
 
 
 @dataclass
@@ -266,16 +289,12 @@ class AdapterConfig:
 
 
 @dataclass
+@_modality_fields(lambda spec: (AdapterConfig, f"Adapter from {spec.name} features into the shared space; null for none."))
 class AdaptersConfig:
-    vision: AdapterConfig | None = None
-    """Adapter from vision features into the shared space."""
-    audio: AdapterConfig | None = None
-    """Adapter from audio features into the shared space."""
-    text: AdapterConfig | None = None
-    """Adapter from caption features into the shared space."""
+    # One field per modality of the table (edge_glass/modalities.py).
 
     def enabled(self) -> list[str]:
-        return [m for m in ("vision", "audio", "text") if getattr(self, m) is not None]
+        return [m for m in MODALITY_NAMES if getattr(self, m, None) is not None]
 
 
 @dataclass
@@ -385,8 +404,9 @@ class TRMConfig:
 
 @dataclass
 class DecoderConfig:
-    kind: Literal["none", "qwen", "trm"] = "none"
-    """Which language decoder the instruct stage trains."""
+    kind: str = "none"
+    """Which language decoder the instruct stage trains: `qwen`, `trm`, or a kind registered with
+    `edge_glass.decoders.registry.register_decoder`; `none` for the align stage."""
     qwen: QwenConfig | None = None
     """Qwen settings; required when kind is qwen."""
     trm: TRMConfig | None = None
@@ -407,6 +427,9 @@ class DecoderConfig:
     """Which examples each sample gives: its caption as a describe-it answer, and its QA pairs."""
     system_prompt: str | None = None
     """System message rendered before the user turn (Qwen); null renders none, or the template's default."""
+    options: dict[str, Any] | None = None
+    """Settings of a plug-in decoder kind (one registered with an options class); the built-in
+    kinds read their own sections (`qwen`, `trm`) instead."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_prefix_tokens")
@@ -414,28 +437,58 @@ class DecoderConfig:
             _check_positive(self, "connector_hidden_dim")
         if not self.instructions:
             raise ConfigError("{path}.instructions: need at least one of 'caption', 'qa'")
-        if not self.prefix_modalities or "text" in self.prefix_modalities:
-            raise ConfigError(f"{{path}}.prefix_modalities: need vision and/or audio, got {self.prefix_modalities}")
-        if self.kind == "trm" and self.system_prompt is not None:
-            raise ConfigError("{path}.system_prompt: only the qwen decoder renders a chat template")
-        for kind in ("qwen", "trm"):
-            section = getattr(self, kind)
+        if not self.prefix_modalities or any(m not in PERCEPTUAL for m in self.prefix_modalities):
+            raise ConfigError(f"{{path}}.prefix_modalities: need some of {', '.join(PERCEPTUAL)}, got {self.prefix_modalities}")
+        self._check_kind()
+
+    def _check_kind(self) -> None:
+        # The registry says which kinds exist and where each reads its settings, so a plug-in
+        # decoder is checked exactly like a built-in one. Imported here: it imports this module.
+        from edge_glass.decoders.registry import DECODERS, decoder_entry
+
+        entry = None
+        if self.kind != "none":
+            try:
+                entry = decoder_entry(self.kind)
+            except UserError as e:
+                raise ConfigError(f"{{path}}.kind: {e}") from None
+        for kind, other in DECODERS.items():
+            if other.section is None:
+                continue
+            section = getattr(self, other.section)
             if self.kind == kind and section is None:
-                raise ConfigError(f"{{path}}.{kind}: required when decoder.kind is {kind!r}")
+                raise ConfigError(f"{{path}}.{other.section}: required when decoder.kind is {kind!r}")
             if self.kind != kind and section is not None:
-                raise ConfigError(f"{{path}}.{kind}: given, but decoder.kind is {self.kind!r}")
+                raise ConfigError(f"{{path}}.{other.section}: given, but decoder.kind is {self.kind!r}")
+        takes_options = entry is not None and entry.section is None and entry.options is not None
+        if self.options is not None and not takes_options:
+            raise ConfigError(f"{{path}}.options: given, but decoder kind {self.kind!r} takes no options")
+        if takes_options:
+            parse_section(entry.options, self.options or {}, "{path}.options")
+        if self.system_prompt is not None and (entry is None or not entry.chat_template):
+            raise ConfigError(f"{{path}}.system_prompt: the {self.kind!r} decoder renders no chat template")
+
+
+def _pair_doc(pair: str) -> str:
+    a, b = pair.split("_")
+    what = "fused(vision, audio)" if a == "fused" else a
+    return f"Weight of the {what}-{b} InfoNCE term" + ("; needs model.fusion." if a == "fused" else ".")
+
+
+def _pair_fields(cls: type) -> type:
+    """Class decorator (under @dataclass): one float weight per pair of `modalities.pair_names()`."""
+    cls.__annotations__ = {pair: float for pair in pair_names()}
+    cls.__field_docs__ = {pair: _pair_doc(pair) for pair in pair_names()}
+    for pair in pair_names():
+        setattr(cls, pair, 0.0)
+    return cls
 
 
 @dataclass
+@_pair_fields
 class PairWeightsConfig:
-    vision_text: float = 0.0
-    """Weight of the vision-text InfoNCE term."""
-    audio_text: float = 0.0
-    """Weight of the audio-text InfoNCE term."""
-    vision_audio: float = 0.0
-    """Weight of the vision-audio InfoNCE term."""
-    fused_text: float = 0.0
-    """Weight of the term between fused(vision, audio) and text; needs model.fusion."""
+    # One weight per contrastive pair (`vision_text`, `audio_text`, `vision_audio`, `fused_text`,
+    # ...), from the modality table.
 
     def active(self) -> dict[str, float]:
         """Pairs with a non-zero weight."""
@@ -609,16 +662,16 @@ class Config:
             if getattr(self.encoders, modality) is None:
                 raise ConfigError(f"model.adapters.{modality}: needs encoders.{modality} (its features come from there)")
         for pair, weight in self.loss.pairs.active().items():
-            needs = ["vision", "audio", "text"] if pair == "fused_text" else pair.split("_")
-            for modality in needs:
+            for modality in pair_needs(pair):
                 if getattr(self.model.adapters, modality) is None:
                     raise ConfigError(f"loss.pairs.{pair}: weight {weight} needs model.adapters.{modality}")
             if pair == "fused_text" and self.model.fusion == "none":
                 raise ConfigError(f"loss.pairs.fused_text: weight {weight} needs model.fusion (concat, cross_attention or gated)")
         if self.model.fusion != "none":
-            for modality in ("vision", "audio"):
+            for modality in FUSION_INPUTS:
                 if getattr(self.model.adapters, modality) is None:
-                    raise ConfigError(f"model.fusion: {self.model.fusion!r} fuses vision and audio, and needs model.adapters.{modality}")
+                    raise ConfigError(f"model.fusion: {self.model.fusion!r} fuses {' and '.join(FUSION_INPUTS)}, "
+                                      f"and needs model.adapters.{modality}")
         if self.train.stage == "align" and not self.loss.pairs.active():
             raise ConfigError("loss.pairs: train.stage is 'align', which needs at least one pair with a non-zero weight")
         if self.train.stage == "instruct":
@@ -644,7 +697,9 @@ class Config:
 
     def _check_instruct(self) -> None:
         if self.decoder.kind == "none":
-            raise ConfigError("decoder.kind: train.stage is 'instruct', which needs a decoder (qwen or trm)")
+            from edge_glass.decoders.registry import DECODERS
+
+            raise ConfigError(f"decoder.kind: train.stage is 'instruct', which needs a decoder ({' or '.join(DECODERS)})")
         if self.loss.pairs.active():
             raise ConfigError(
                 "loss.pairs: train.stage is 'instruct', which trains on the language-model loss alone; "
@@ -695,6 +750,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a mapping"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
@@ -743,6 +800,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}{extra}")
         return value
+    if origin is dict:
+        # Free-form only where a registered class checks the contents (decoder.options).
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping, got {_given(value)}")
+        return dict(value)
+    if origin is dict:
+        # Free-form only where a registered class checks the contents (decoder.options).
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping, got {_given(value)}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_given(value)}")
@@ -800,7 +867,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
     except ConfigError as e:
         # __post_init__ messages say `{path}` so they can be written without knowing where the
         # section sits in the tree; fill it in here.
-        raise ConfigError(str(e).replace("{path}.", prefix).replace("{path}", where)) from None
+        # In one pass: `path` may itself hold "{path}" (a plug-in's options checked from inside
+        # DecoderConfig), which a second replace would fill in twice.
+        message = re.sub(r"\{path\}(\.)?", lambda m: prefix if m.group(1) else where, str(e))
+        raise ConfigError(message) from None
+
+
+def parse_section(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping as strictly as a config section (a plug-in's options)."""
+    return _build(cls, data, path)
 
 
 def config_from_dict(data: Any) -> Config:

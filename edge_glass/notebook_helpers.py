@@ -1,8 +1,7 @@
 """What the notebooks call: find the working directory, load a run by its config, plot and tabulate.
 
-The notebooks in `notebooks/` hold no logic of their own (DESIGN.md step 5): every cell is a call
-into the package, and what the training and evaluation modules do not already offer for a
-notebook lives here. A notebook runs in a *working directory* that holds `configs/`, `data/` and
+The notebooks in `notebooks/` hold no logic of their own: every cell is a call into the package,
+and what the training and evaluation modules do not already offer for a notebook lives here. A notebook runs in a *working directory* that holds `configs/`, `data/` and
 `runs/`, as the scripts do:
 
     from edge_glass import notebook_helpers as nb
@@ -125,27 +124,19 @@ def _existing_run(config, cfg: Config) -> Path:
 # Loading runs and their evaluation batches
 
 
-def load_align_run(config: str | os.PathLike | Config, which: str = "best", device: str | torch.device | None = None):
-    """(config, alignment model in eval mode on `device`, checkpoint) of the run `config` trains."""
-    from edge_glass.training.run_loading import load_alignment_model
+def load_run(config: str | os.PathLike | Config, which: str = "best", device: str | torch.device | None = None):
+    """(config, model in eval mode on `device`, checkpoint) of the run `config` trains, whatever
+    its stage (the stage registry, training/task.py, knows how to load it)."""
+    from edge_glass.training.task import load_run as load
 
-    return _load_run(load_alignment_model, config, which, device)
-
-
-def load_instruct_run(config: str | os.PathLike | Config, which: str = "best", device: str | torch.device | None = None):
-    """(config, instruct model in eval mode on `device`, checkpoint) of the run `config` trains."""
-    from edge_glass.training.instruct_task import load_instruct_model
-
-    return _load_run(load_instruct_model, config, which, device)
-
-
-def _load_run(load, config, which: str, device):
-    """`load(run_dir, which)` -> (cfg, model, checkpoint) for the run `config` trains, quietly,
-    with the model moved to `device`."""
     run = _existing_run(config, as_config(config))
     with _quiet():
         cfg, model, checkpoint = load(run, which)
     return cfg, model.to(device or default_device()), checkpoint
+
+
+# The notebooks' names: the same loader, whichever stage the run has.
+load_align_run = load_instruct_run = load_run
 
 
 def align_batches(cfg: Config, split: str, *, model: torch.nn.Module | None = None,
@@ -155,14 +146,10 @@ def align_batches(cfg: Config, split: str, *, model: torch.nn.Module | None = No
     `max_samples` keeps the first eval batches that hold that many samples (whole batches of
     `data.eval_batch_size`, so possibly a few more); retrieval over fewer samples is easier.
     """
-    from edge_glass.features.loader import FeatureLoader
-    from edge_glass.features.store import check_store_matches, open_store
-    from edge_glass.training.align_task import to_device
+    from edge_glass.features.store import open_checked_split
+    from edge_glass.training.align_task import eval_loader, to_device
 
-    data = open_store(cfg.data.features_dir, split, cfg.data.store_format)
-    check_store_matches(data, cfg)
-    loader = FeatureLoader(data, cfg.data.eval_batch_size, modalities=cfg.model.adapters.enabled(),
-                           shuffle=False, drop_last=False)
+    loader = eval_loader(cfg, open_checked_split(cfg, split))
     batches: Iterable[dict] = loader
     if max_samples is not None:
         batches = itertools.islice(loader, -(-max_samples // cfg.data.eval_batch_size))
@@ -185,17 +172,10 @@ def batch_keys(batches: Sequence[dict], rows: Sequence[int] | None = None) -> li
 
 def instruct_batches(cfg: Config, model, split: str) -> Iterator[dict]:
     """The split's instruction evaluation batches (scripts/evaluate.py's), on `model`'s device."""
-    from edge_glass.features.store import check_store_matches, open_store
-    from edge_glass.training.align_task import to_device
-    from edge_glass.training.instruct_batches import InstructBatcher
-    from edge_glass.training.instruct_task import eval_loader
+    from edge_glass.features.store import open_checked_split
+    from edge_glass.training.task import stage_of
 
-    data = open_store(cfg.data.features_dir, split, cfg.data.store_format)
-    check_store_matches(data, cfg)
-    pad_id, eos_id = model.special_ids()
-    device = _model_device(model)
-    for batch in eval_loader(cfg, data, InstructBatcher(cfg, model.tokenizer, pad_id=pad_id, eos_id=eos_id)):
-        yield to_device(batch, device)
+    yield from stage_of(cfg).eval_batches(cfg, model, open_checked_split(cfg, split))
 
 
 def evaluate_instruct(cfg: Config, model, split: str, *, max_samples: int | None = None,
@@ -548,8 +528,9 @@ def trm_halting(model, batches: Iterable[dict], max_examples: int | None = None,
     `forced_steps` (default 1..n_sup): what more recursion buys.
     """
     from edge_glass.decoders.generation import exact_match
+    from edge_glass.decoders.trm import TRM
 
-    if getattr(model, "kind", None) != "trm":
+    if not isinstance(getattr(model, "decoder", None), TRM):
         raise UserError(f"trm_halting needs a TRM instruct run (decoder.kind trm), not {getattr(model, 'kind', type(model).__name__)!r}")
     was_training = model.training
     model.eval()

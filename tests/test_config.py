@@ -219,6 +219,12 @@ def test_every_field_has_a_docstring():
                     nxt = body[i + 1] if i + 1 < len(body) else None
                     if not (isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)):
                         missing.append(f"{node.name}.{stmt.target.id}")
+    # Fields generated from the modality table carry their docstrings in __field_docs__.
+    from edge_glass.modalities import NAMES, pair_names
+
+    for cls, names in ((C.EncodersConfig, NAMES), (C.AdaptersConfig, NAMES), (C.PairWeightsConfig, pair_names())):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing += [f"{cls.__name__}.{n}" for n in names if n not in fields or not cls.__field_docs__.get(n, "").strip()]
     assert not missing, f"fields without a docstring: {missing}"
 
 

@@ -69,7 +69,7 @@ def test_narratives_pair_image_voice_and_transcription(ln, tmp_path):
         voices.add(meta["voice_url"])
     assert len(voices) == 11  # two narratives of image 1, two different recordings
     desc = json.loads((out / "dataset.json").read_text())
-    assert desc["modalities"] == ["image", "audio", "text"] and desc["source"] == "localized_narratives"
+    assert desc["modalities"] == ["vision", "audio", "text"] and desc["source"] == "localized_narratives"
 
 
 def test_image_urls_by_dataset():

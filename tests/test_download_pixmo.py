@@ -71,7 +71,7 @@ def test_pixmo_cap_keeps_good_images_byte_for_byte_and_counts_each_broken_one(se
         assert meta["split"] == split_of(url, 0, DEFAULT_FRACTIONS) and key.startswith(meta["split"] + "-")
 
     desc = json.loads((out / "dataset.json").read_text())
-    assert desc["source"] == "pixmo_cap" and desc["modalities"] == ["image", "text"]
+    assert desc["source"] == "pixmo_cap" and desc["modalities"] == ["vision", "text"]
     assert desc["params"]["split_fractions"] == [0.7, 0.15, 0.15] and desc["params"]["hf_rows"] == len(world.urls)
     assert sum(desc["splits"].values()) == len(world.urls)  # candidates per split
     for s in summaries:

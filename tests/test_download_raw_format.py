@@ -38,7 +38,7 @@ class FakeFetchingSource:
     """Candidate i of train is a JPEG-carrying image+text sample unless i is in `fail`."""
 
     name = "fake"
-    modalities = ("image", "text")
+    modalities = ("vision", "text")
     fetch_workers = 3
 
     def __init__(self, n: int, fail: set[int] = frozenset(), seed: int = 0) -> None:
@@ -89,7 +89,7 @@ def test_media_are_optional_and_encoded_images_pass_through():
 
 def test_synthetic_records_all_three_modalities(tmp_path):
     write_shards(prepare_raw_dataset(tmp_path, SyntheticSource(5), shard_size=8))
-    assert json.loads((tmp_path / "dataset.json").read_text())["modalities"] == ["image", "audio", "text"]
+    assert json.loads((tmp_path / "dataset.json").read_text())["modalities"] == ["vision", "audio", "text"]
     assert not (tmp_path / "skipped.json").exists() and not list(tmp_path.rglob("shard-*.json"))
 
 

@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
-from edge_glass.data.instruct import (
-    CAPTION_PROMPTS,
-    IGNORE_INDEX,
-    collate_examples,
-    examples_from_meta,
-    tokenize_example,
-    tokenize_prompt,
-)
+from edge_glass.data.instruct import CAPTION_PROMPTS, examples_from_meta
+from edge_glass.decoders.base import IGNORE_INDEX
+from edge_glass.decoders.qwen_chat import collate_examples, tokenize_example, tokenize_prompt
 from edge_glass.data.synthetic_attributes import Attributes, all_combos, caption, qa_pairs
 from edge_glass.local_models.build import build_local_models
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from edge_glass.config import AdapterConfig, ConfigError, apply_overrides, config_from_dict
-from edge_glass.data.instruct import CAPTION_PROMPTS, IGNORE_INDEX
+from edge_glass.data.instruct import CAPTION_PROMPTS
+from edge_glass.decoders.base import IGNORE_INDEX
 from edge_glass.models.adapters import ModalityAdapter
 from edge_glass.models.alignment import FeatureInfo
 from edge_glass.utils.errors import UserError
@@ -141,10 +142,10 @@ def three_samples() -> list[tuple[str, str, str]]:
 
 
 def batcher_for(cfg, tokenizer):
-    from edge_glass.data.instruct import end_of_turn_id, placeholder_id
+    from edge_glass.decoders.registry import build_decoder
     from edge_glass.training.instruct_batches import InstructBatcher
 
-    return InstructBatcher(cfg, tokenizer, pad_id=placeholder_id(tokenizer), eos_id=end_of_turn_id(tokenizer))
+    return InstructBatcher(cfg, build_decoder(cfg.decoder))
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -243,11 +244,10 @@ def test_batch_without_any_example_names_decoder_instructions(qwen_dir, tokenize
 
 def test_trm_batch_questions_and_fixed_length_labels(qwen_dir, tokenizer):
     from edge_glass.decoders.trm import special_ids
-    from edge_glass.training.instruct_batches import InstructBatcher
 
     cfg = instruct_cfg(qwen_dir, kind="trm")
     eos, pad = special_ids(tokenizer)
-    batcher = InstructBatcher(cfg, tokenizer, pad_id=pad, eos_id=eos)
+    batcher = batcher_for(cfg, tokenizer)
     long_answer = "a large red circle in the top left"
     samples = [
         ("s0", long_answer, meta("s0", [COLOUR])),
@@ -285,8 +285,7 @@ def model_and_batch(qwen_dir, tokenizer, *overrides: str, kind: str = "qwen", sa
     torch.manual_seed(0)
     cfg = instruct_cfg(qwen_dir, *overrides, kind=kind)
     model = InstructModel(cfg, features())
-    pad, eos = model.special_ids()
-    batcher = InstructBatcher(cfg, model.tokenizer, pad_id=pad, eos_id=eos)
+    batcher = InstructBatcher(cfg, model.decoder)
     return model, batcher.eval_batch(feature_batch(samples or three_samples()))
 
 
@@ -456,8 +455,7 @@ def eval_batches(qwen_dir, tokenizer, *overrides: str):
     ])
     from edge_glass.training.instruct_batches import InstructBatcher
 
-    pad, eos = model.special_ids()
-    batcher = InstructBatcher(model.cfg, model.tokenizer, pad_id=pad, eos_id=eos)
+    batcher = InstructBatcher(model.cfg, model.decoder)
     second = batcher.eval_batch(feature_batch([
         ("b0", "What shape is it? circle", meta("b0", [SHAPE], caption_kind="qa")),
         ("b1", "a red triangle", meta("b1", [COLOUR])),
@@ -485,11 +483,11 @@ def test_first_samples_keeps_the_first_samples_and_their_examples(qwen_dir, toke
 
 
 def _patch_generate(monkeypatch, batches, answer_for):
-    """Replace instruct_eval.generate: answer_for(gold) per example of the batch being scored.
+    """Replace the Qwen decoder's generate: answer_for(gold) per example of the batch being scored.
 
     The batch is recognised by its prompts (the first prompt of each batch is distinct), and a cut
     batch keeps a prefix of its examples, so the gold answers are the first len(prompts)."""
-    import edge_glass.training.instruct_eval as ie
+    import edge_glass.decoders.generation as ie
 
     calls = []
 

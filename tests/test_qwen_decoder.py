@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from edge_glass.config import LoraConfig, QwenConfig
-from edge_glass.data.instruct import IGNORE_INDEX, collate_examples, tokenize_example, tokenize_prompt
+from edge_glass.decoders.base import IGNORE_INDEX
+from edge_glass.decoders.qwen_chat import collate_examples, tokenize_example, tokenize_prompt
 from edge_glass.decoders.generation import exact_match, generate, generate_ids, normalize_answer, token_f1
 from edge_glass.decoders.qwen import QwenDecoder
 from edge_glass.local_models.build import build_local_models

@@ -19,7 +19,7 @@ from edge_glass.decoders.trm import (
     answer_targets,
     cut_at_eos,
     deep_supervision_loss,
-    exact_match,
+    answers_exact,
     pad_questions,
     supervision_loss,
 )
@@ -89,13 +89,13 @@ def test_answer_targets_answer_eos_then_ignored():
     assert labels.dtype == torch.long
 
 
-def test_cut_at_eos_and_exact_match():
+def test_cut_at_eos_and_answers_exact():
     ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
     cut = cut_at_eos(ids, eos_id=2, pad_id=0)
     assert cut.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     labels = answer_targets([[5], [5, 6, 7], []], 4, eos_id=2)
     # Row 0 matches on answer+EOS (what follows is unsupervised); row 1 never emits EOS; row 2 matches.
-    assert exact_match(cut, labels).tolist() == [True, False, True]
+    assert answers_exact(cut, labels).tolist() == [True, False, True]
 
 
 def test_supervision_loss_halting_target_is_exact_correctness():
@@ -352,9 +352,9 @@ def test_trained_model_halts_early(tokenizer_dir, tokenizer, one_thread):
     model = TRM(make_cfg(tokenizer_dir, n_sup=4, h_cycles=2, l_cycles=1), tokenizer)
     batch = make_batch(tokenizer, b=8)
     answers, halt = model.predict(batch.prefix, batch.question_ids, batch.question_mask)
-    assert halt.tolist() == [4] * 8 and not exact_match(answers, batch.labels).all()
+    assert halt.tolist() == [4] * 8 and not answers_exact(answers, batch.labels).all()
     overfit(model, batch, iters=60)
     answers, halt = model.predict(batch.prefix, batch.question_ids, batch.question_mask)
-    assert exact_match(answers, batch.labels).all()
+    assert answers_exact(answers, batch.labels).all()
     assert ((halt >= 1) & (halt <= 4)).all()
     assert halt.float().mean() < 2.0, halt.tolist()

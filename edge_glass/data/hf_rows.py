@@ -293,7 +293,7 @@ class CandidateSource:
     """
 
     name = "?"
-    modalities: tuple[str, ...] = ("image", "text")
+    modalities: tuple[str, ...] = ("vision", "text")
 
     def __init__(
         self,

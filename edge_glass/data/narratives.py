@@ -92,7 +92,7 @@ class LocalizedNarrativesSource(CandidateSource):
     """One image, the annotator's recorded description of it, and its transcription per sample."""
 
     name = "localized_narratives"
-    modalities = ("image", "audio", "text")
+    modalities = ("vision", "audio", "text")
 
     def __init__(
         self,

@@ -86,7 +86,7 @@ class PixmoCapSource(CandidateSource):
     """PixMo-Cap: one web image and its ~200-word dense caption per sample."""
 
     name = "pixmo_cap"
-    modalities = ("image", "text")
+    modalities = ("vision", "text")
 
     def __init__(
         self,
@@ -245,7 +245,7 @@ class PixmoQASource(CandidateSource):
     """The PixMo QA mix: one image and its QA pairs per sample, from five subsets."""
 
     name = "pixmo_qa"
-    modalities = ("image", "text")
+    modalities = ("vision", "text")
 
     def __init__(
         self,

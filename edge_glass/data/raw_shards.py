@@ -7,7 +7,8 @@
 
 A sample always has its caption (txt) and metadata (json); the image and the audio are each
 optional, because real sets are often bi-modal (PixMo: image + text, AudioCaps: audio + text).
-`dataset.json` records which modalities the set has, and a reader gets None for a missing one.
+`dataset.json` records which modalities the set has, by the names the rest of the package uses
+(`vision`, `audio`, `text`; the files keep their kinds), and a reader gets None for a missing one.
 Images a source already holds encoded (a downloaded JPEG or PNG) are stored as those bytes
 (`jpg` or `png`): re-encoding would cost time and, for JPEG, quality.
 
@@ -44,12 +45,13 @@ import soundfile as sf
 import webdataset as wds
 from PIL import Image
 
+from edge_glass.modalities import NAMES
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import atomic_path, write_text_atomic
 
 AUDIO_FORMATS = ("flac", "wav")
 IMAGE_FORMATS = ("png", "jpg")  # tar member extensions; jpg holds a source's own JPEG bytes
-MODALITIES = ("image", "audio", "text")
+MODALITIES = NAMES  # the modality table's names: a raw set of images says "vision", like the rest
 DATASET_FILE = "dataset.json"
 INDEX_FILE = "index.json"
 SKIPPED_FILE = "skipped.json"

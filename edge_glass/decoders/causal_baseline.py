@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from edge_glass.config import TRMConfig
 from edge_glass.decoders.trm import (
     IGNORE_INDEX,
+    PlainPromptIO,
     build_backbone,
     build_context,
     compact_positions,
@@ -35,7 +36,7 @@ from edge_glass.decoders.trm import (
 )
 
 
-class CausalBaseline(nn.Module):
+class CausalBaseline(PlainPromptIO, nn.Module):
     """Causal tiny decoder with the TRM's width/depth (cfg.hidden_dim, num_layers, num_heads)."""
 
     def __init__(self, cfg: TRMConfig, tokenizer=None) -> None:
@@ -117,3 +118,19 @@ class CausalBaseline(nn.Module):
     def decode(self, answer_ids: Tensor) -> list[str]:
         """Answer strings: the tokens before the first EOS of each row."""
         return decode_answers(self.tokenizer, answer_ids, self.eos_id)
+
+    # -- the decoder contract (decoders/base.py) ---------------------------------------------------
+
+    kind = "causal"
+    logged_parts: tuple[str, ...] = ()
+
+    def batch_loss(self, prefix: Tensor, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, _ = self.loss(prefix, batch["question_ids"], batch["question_mask"], batch["labels"])
+        return loss, {}
+
+    def answer(
+        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+    ) -> tuple[list[str], dict[str, list[float]]]:
+        """Greedy answers of at most max_answer_len tokens (the length it is trained for)."""
+        answer_ids = self.predict(prefix, batch["question_ids"], batch["question_mask"])
+        return [p.strip() for p in self.decode(answer_ids)], {}

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from edge_glass.data.instruct import collate_examples
+from edge_glass.decoders.qwen_chat import collate_examples
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ trains is `QwenConfig.tune`:
 a CUDA device, and is refused with a one-line `UserError` otherwise.
 
 The prefix is not prepended: the tokenised sequence already holds `num_prefix_tokens` slot
-ids inside the user turn (see `edge_glass.data.instruct`), and `embed` overwrites the token
+ids inside the user turn (see `edge_glass.decoders.qwen_chat`), and `embed` overwrites the token
 embeddings at `prefix_positions` with the connector's output. Training and generation therefore
 share the exact same sequence layout and position ids.
 """
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from edge_glass.config import QwenConfig
-from edge_glass.data.instruct import end_of_turn_id, placeholder_id
+from edge_glass.decoders.base import IGNORE_INDEX
+from edge_glass.decoders.qwen_chat import collate_examples, end_of_turn_id, placeholder_id, tokenize_example, tokenize_prompt
 from edge_glass.utils.errors import UserError
 
 
@@ -65,13 +66,20 @@ def _quantization_config(cfg: QwenConfig):
 class QwenDecoder(nn.Module):
     """Causal LM + tokenizer; `forward` takes prefix embeddings and tokenised instruction batches."""
 
-    def __init__(self, cfg: QwenConfig, *, dtype: torch.dtype | str = "auto") -> None:
+    kind = "qwen"
+    logged_parts: tuple[str, ...] = ()
+
+    def __init__(self, cfg: QwenConfig, *, dtype: torch.dtype | str = "auto", system_prompt: str | None = None) -> None:
         """`dtype` is the load dtype ("auto": the checkpoint's own, e.g. bf16 for hub Qwen, fp32
-        for the tiny test model); mixed precision during training is DeepSpeed's business."""
+        for the tiny test model); mixed precision during training is DeepSpeed's business.
+        `system_prompt` is rendered before every user turn (`decoder.system_prompt`)."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        self.system_prompt = system_prompt
+        # Qwen3's template renders an empty think block when told the model answers directly.
+        self.template_kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
         load_kwargs: dict = {"revision": cfg.revision}
         if cfg.quantize != "none":
             load_kwargs["quantization_config"] = _quantization_config(cfg)
@@ -170,3 +178,48 @@ class QwenDecoder(nn.Module):
         """
         inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions)
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    # -- the decoder contract (decoders/base.py) ---------------------------------------------------
+
+    @property
+    def width(self) -> int:
+        return self.hidden_size
+
+    def encode_examples(self, examples, num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+        """Chat-template sequences with prefix slots, answer + end-of-turn supervised, right-padded."""
+        tokenised = [
+            tokenize_example(
+                self.tokenizer, e["prompt"], e["answer"], num_prefix_tokens, self.cfg.max_length,
+                system_prompt=self.system_prompt, chat_template_kwargs=self.template_kwargs,
+            )
+            for e in examples
+        ]
+        return collate_examples(tokenised, self.pad_id, padding_side="right")
+
+    def generation_inputs(self, examples, num_prefix_tokens: int) -> dict:
+        """`prompts`: each example's prompt part alone, ending where the assistant's answer starts."""
+        return {"prompts": [
+            tokenize_prompt(
+                self.tokenizer, e["prompt"], num_prefix_tokens, self.cfg.max_length,
+                system_prompt=self.system_prompt, chat_template_kwargs=self.template_kwargs,
+            )
+            for e in examples
+        ]}
+
+    def batch_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = self(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
+        return out.loss, {}
+
+    def eval_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[float, int]:
+        """Summed cross-entropy over the supervised tokens and their number, so batches and ranks
+        of different lengths average per token, not per batch."""
+        loss, _ = self.batch_loss(prefix, batch)
+        # The model's loss is the mean over the shifted labels; their count undoes the mean.
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return float(loss) * tokens, tokens
+
+    def answer(self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False):
+        """Greedy answers up to the end-of-turn token; `synced_gpus` under ZeRO-3 (sharded weights)."""
+        from edge_glass.decoders.generation import generate
+
+        return generate(self, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus), {}

@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_glass.config import TRMConfig
+from edge_glass.decoders.base import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 HALT_LOSS_WEIGHT = 0.5
 """Weight of the halting BCE in a supervision step's loss (the reference's 0.5)."""
 MLP_EXPANSION = 4.0
@@ -265,10 +265,39 @@ def decode_answers(tokenizer, answer_ids: Tensor, eos_id: int) -> list[str]:
     return out
 
 
-def exact_match(answer_ids: Tensor, labels: Tensor) -> Tensor:
+def answers_exact(answer_ids: Tensor, labels: Tensor) -> Tensor:
     """[B] bool: the prediction equals the label at every labelled position (answer + EOS)."""
     valid = labels != IGNORE_INDEX
     return ((answer_ids == labels) | ~valid).all(-1)
+
+
+class PlainPromptIO:
+    """The decoder contract's text side for the TRM and its causal baseline (decoders/base.py).
+
+    Neither has a chat format, so the prompt is tokenised plain and right-padded
+    (`question_ids`, `question_mask`); the answer becomes fixed-length labels
+    [N, max_answer_len] (answer, EOS, -100) that both predict in their own way.
+    """
+
+    @property
+    def width(self) -> int:
+        return self.cfg.hidden_dim
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_examples(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, Tensor]:
+        question_ids, question_mask = pad_questions([self._encode(e["prompt"]) for e in examples], self.pad_id)
+        labels = answer_targets([self._encode(e["answer"]) for e in examples], self.cfg.max_answer_len, self.eos_id)
+        return {"question_ids": question_ids, "question_mask": question_mask, "labels": labels}
+
+    def generation_inputs(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict:
+        return {}  # it answers from the training inputs' question alone
+
+    def eval_loss(self, prefix: Tensor, batch: dict) -> tuple[float, int]:
+        # Both losses are means over examples (the TRM's over its supervision steps too).
+        loss, _ = self.batch_loss(prefix, batch)
+        return float(loss) * len(batch["labels"]), len(batch["labels"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +365,7 @@ def supervision_loss(
         ce = logits.sum() * 0.0
     with torch.no_grad():
         pred = logits.argmax(-1)
-        correct = exact_match(pred, labels)
+        correct = answers_exact(pred, labels)
         n = keep.sum().clamp(min=1)
         token_acc = ((pred == labels) & valid).sum() / valid.sum().clamp(min=1)
     stats = {"ce": ce.detach(), "token_acc": token_acc, "exact": (correct & keep).sum() / n}
@@ -351,7 +380,7 @@ def supervision_loss(
     return loss, stats
 
 
-class TRM(nn.Module):
+class TRM(PlainPromptIO, nn.Module):
     """Tiny Recursive Model decoder over a connector prefix and a question; see the module doc.
 
     `tokenizer` defaults to AutoTokenizer.from_pretrained(cfg.tokenizer); its vocabulary size sets
@@ -553,6 +582,24 @@ class TRM(nn.Module):
     def decode(self, answer_ids: Tensor) -> list[str]:
         """Answer strings: the tokens before the first EOS of each row."""
         return decode_answers(self.tokenizer, answer_ids, self.eos_id)
+
+    # -- the decoder contract (decoders/base.py) ---------------------------------------------------
+
+    kind = "trm"
+    logged_parts = ("trm/exact", "trm/first_exact")
+
+    def batch_loss(self, prefix: Tensor, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The deep-supervision loss, with the last and the first step's exact-match fractions."""
+        loss, stats = deep_supervision_loss(self, TRMBatch(batch["question_ids"], batch["question_mask"], batch["labels"], prefix))
+        return loss, {f"trm/{k}": torch.tensor(v) for k, v in stats.items() if k in ("exact", "first_exact")}
+
+    def answer(
+        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+    ) -> tuple[list[str], dict[str, list[float]]]:
+        """Answers (at most max_answer_len tokens: the TRM predicts them all at once, so
+        `max_new_tokens` does not apply) and the supervision step each example halted at."""
+        answer_ids, halts = self.predict(prefix, batch["question_ids"], batch["question_mask"])
+        return [p.strip() for p in self.decode(answer_ids)], {"trm/halt_step": [float(h) for h in halts.tolist()]}
 
 
 def deep_supervision_loss(

@@ -24,11 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from edge_glass.data.raw_shards import decode_sample, iter_shard_raw
 from edge_glass.encoders.base import FrozenEncoder
 from edge_glass.features.sample_checks import raw_problem
+from edge_glass.modalities import raw_field
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.prefetch import prefetch
 
-# The raw sample field each modality's encoder reads.
-RAW_FIELD = {"vision": "image", "audio": "audio", "text": "caption"}
 
 
 def default_num_workers() -> int:
@@ -43,7 +42,7 @@ def default_num_workers() -> int:
 
 def encoder_inputs(modality: str, samples: list[dict], path: Path) -> list[Any]:
     """What `encoders[modality].prepare` takes, from decoded raw samples."""
-    field = RAW_FIELD[modality]
+    field = raw_field(modality)
     missing = [s["key"] for s in samples if s.get(field) is None]
     if missing:
         raise UserError(f"{path}: sample {missing[0]!r} has no {field}, but encoders.{modality} is configured")

@@ -238,3 +238,13 @@ def check_store_matches(split: FeatureSplit, cfg: Config) -> None:
                     f"{split.path}: encoders.{m}.{key} is {getattr(want, key)!r} in the config but {have.get(key, default)!r} "
                     f"in the store (encoder fingerprint {split.encoder_fingerprint}); re-extract with: {EXTRACT_HINT} --overwrite"
                 )
+
+
+def open_checked_split(cfg: Config, split: str, features_dir: str | Path | None = None) -> FeatureSplit:
+    """One split of the config's store (or of `features_dir`, another store of the same encoders,
+    e.g. its int8 conversion), refused if its encoders differ from the config's."""
+    opened = open_store(features_dir or cfg.data.features_dir, split, cfg.data.store_format, cfg.data.max_open_shards)
+    if features_dir is not None:
+        check_same_encoders(opened, open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format))
+    check_store_matches(opened, cfg)
+    return opened

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from edge_glass.config import LossConfig, ModelConfig
+from edge_glass.modalities import pair_modalities
 from edge_glass.models.adapters import ModalityAdapter
 from edge_glass.models.fusion import FUSIONS
 from edge_glass.models.losses import LogitScale, gather_ids, gather_with_grad, info_nce, mrl_prefixes
@@ -87,12 +88,12 @@ class AlignmentModel(nn.Module):
         device = next(iter(emb.values())).device
         ids = caption_ids(batch["captions"], device)
         ids_all = gather_ids(ids)
-        gathered = {k: gather_with_grad(v) for k, v in emb.items() if any(k in p.split("_") for p in self.pairs)}
+        gathered = {k: gather_with_grad(v) for k, v in emb.items() if any(k in pair_modalities(p) for p in self.pairs)}
         scale = self.logit_scale()
         total = torch.zeros((), device=device)
         parts: dict[str, torch.Tensor] = {}
         for pair, weight in self.pairs.items():
-            a, b = pair.split("_")
+            a, b = pair_modalities(pair)
             pa, pb = mrl_prefixes(emb[a], self.dims), mrl_prefixes(emb[b], self.dims)
             pa_all, pb_all = mrl_prefixes(gathered[a], self.dims), mrl_prefixes(gathered[b], self.dims)
             for d in self.dims:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from edge_glass.modalities import pair_modalities
 from edge_glass.models.alignment import AlignmentModel, caption_ids
 from edge_glass.training.metrics import retrieval_metrics
 from edge_glass.utils.distributed import gather_rows
@@ -34,7 +35,7 @@ def alignment_metrics(model: AlignmentModel, batches, ks: list[int], chunk_size:
     emb, ids = embed_split(model, batches)
     out = {}
     for pair in model.pairs:
-        a, b = pair.split("_")
+        a, b = pair_modalities(pair)
         for d in model.eval_dims:
             metrics = retrieval_metrics(emb[a][:, :d], emb[b][:, :d], ks, chunk_size, ids, names=(a, b))
             out.update({f"{pair}@{d}/{k}": v for k, v in metrics.items()})

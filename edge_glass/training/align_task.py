@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from edge_glass.config import Config
@@ -12,12 +14,13 @@ from edge_glass.training.align_eval import alignment_metrics
 
 
 class AlignTask:
-    """Contrastive alignment of the configured adapters (notes: DESIGN.md, training, `align`)."""
+    """Contrastive alignment of the configured adapters (the `align` stage; training/task.py)."""
 
     best_metric = "val/mean_R@1"
     higher_is_better = True
 
-    def __init__(self, cfg: Config, train_split: FeatureSplit) -> None:
+    def __init__(self, cfg: Config, train_split: FeatureSplit, init_checkpoint: str | None = None) -> None:
+        """`init_checkpoint` is part of the task signature; alignment always starts fresh."""
         self.cfg = cfg
         self.modalities = cfg.model.adapters.enabled()
         features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in self.modalities}
@@ -36,18 +39,43 @@ class AlignTask:
     def evaluate(self, engine, split: FeatureSplit, rank: int, world_size: int, samples_path=None,
                  zero_stage: int = 0) -> dict[str, float]:
         """Retrieval metrics on `split` (`samples_path` and `zero_stage` concern generation only)."""
-        loader = FeatureLoader(
-            split, self.cfg.data.eval_batch_size, modalities=self.modalities, shuffle=False, drop_last=False,
-            rank=rank, world_size=world_size, block_size=self.cfg.data.read_block_size, prefetch_batches=1,
-        )
-        device = engine.device
-        batches = (to_device(b, device) for b in loader)
+        batches = (to_device(b, engine.device) for b in eval_loader(self.cfg, split, rank, world_size))
         metrics = alignment_metrics(engine.module, batches, self.cfg.eval.recall_ks, self.cfg.eval.chunk_size)
         full = self.cfg.model.shared_dim
         r1 = [v for k, v in metrics.items() if f"@{full}/" in k and k.endswith("/R@1")]
         out = {f"val/{k}": v for k, v in metrics.items()}
         out[self.best_metric] = sum(r1) / max(len(r1), 1)
         return out
+
+
+def eval_loader(cfg: Config, split: FeatureSplit, rank: int = 0, world_size: int = 1) -> FeatureLoader:
+    """The split in store order, every sample once (this rank's share), in evaluation batches."""
+    return FeatureLoader(
+        split, cfg.data.eval_batch_size, modalities=cfg.model.adapters.enabled(), shuffle=False, drop_last=False,
+        rank=rank, world_size=world_size, block_size=cfg.data.read_block_size, prefetch_batches=1,
+    )
+
+
+def eval_batches(cfg: Config, model: torch.nn.Module, split: FeatureSplit):
+    """The split's evaluation batches on the model's device (stage entry, training/task.py)."""
+    device = next(model.parameters()).device
+    return (to_device(b, device) for b in eval_loader(cfg, split))
+
+
+def evaluate_batches(cfg: Config, model: torch.nn.Module, batches, *, num_samples_to_log: int = 0) -> tuple[dict, list]:
+    """Retrieval metrics of a loaded model over the batches (nothing is logged per example)."""
+    return alignment_metrics(model, batches, cfg.eval.recall_ks, cfg.eval.chunk_size), []
+
+
+def report(cfg: Config, metrics: dict, logged: list, summary: dict, stem: Path) -> list[Path]:
+    """The retrieval table and `<stem>.{json,csv,png}`."""
+    from edge_glass.training.report import print_table, rows, write_reports
+
+    rs = rows(metrics)
+    n = summary["num_samples"]
+    print_table(rs, f"{cfg.experiment.name} · {summary['split']} ({n} samples, chance R@1 {100 / max(n, 1):.2f}%) · "
+                    f"{Path(summary['checkpoint']).name}")
+    return write_reports(rs, summary, stem)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

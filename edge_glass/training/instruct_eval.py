@@ -4,9 +4,11 @@ Metrics come overall, per example kind (`caption`, `qa`) and per QA attribute
 (`qa/colour/exact_match`, ...), summed over every rank's share of the split. The TRM also reports
 the mean supervision step at which its halting head stopped (`trm/halt_step`).
 
-`lm_loss` is the training objective on the split: for Qwen the token-mean cross-entropy over
-answer + end-of-turn tokens (teacher forced), for the TRM the deep-supervision loss (the mean over
-its supervision steps), for the causal baseline the answer tokens' mean cross-entropy.
+`lm_loss` is the decoder's `eval_loss` on the split (decoders/base.py): for Qwen the token-mean
+cross-entropy over answer + end-of-turn tokens (teacher forced), for the TRM the deep-supervision
+loss (the mean over its supervision steps), for the causal baseline the answer tokens' mean
+cross-entropy. Whatever per-example figures a decoder's `answer` returns (the TRM's
+`trm/halt_step`) are averaged the same way.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from edge_glass.data.instruct import IGNORE_INDEX
-from edge_glass.decoders.generation import exact_match, generate, token_f1
-from edge_glass.decoders.trm import TRMBatch, deep_supervision_loss
+from edge_glass.decoders.generation import exact_match, token_f1
 from edge_glass.training.instruct_model import InstructModel
 from edge_glass.utils import distributed as D
 
@@ -53,30 +53,17 @@ def instruct_metrics(
         if len(batch["example_sample"]) == 0:
             continue  # the cut kept only samples without an example of the configured kinds
         prefix = model.prefix(batch)[batch["example_sample"]]
-        if model.kind == "qwen":
-            loss_sum, tokens = _qwen_loss(model, prefix, batch)
-            preds = generate(model.decoder, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
-            halts = None
-        elif model.kind == "causal":
-            loss, _ = model.decoder.loss(prefix, batch["question_ids"], batch["question_mask"], batch["labels"])
-            loss_sum, tokens = float(loss) * len(batch["answers"]), len(batch["answers"])
-            answer_ids = model.decoder.predict(prefix, batch["question_ids"], batch["question_mask"])
-            preds, halts = [p.strip() for p in model.decoder.decode(answer_ids)], None
-        else:
-            trm_batch = TRMBatch(batch["question_ids"], batch["question_mask"], batch["labels"], prefix)
-            loss, _ = deep_supervision_loss(model.decoder, trm_batch)
-            loss_sum, tokens = float(loss) * len(batch["answers"]), len(batch["answers"])
-            answer_ids, halts = model.decoder.predict(prefix, batch["question_ids"], batch["question_mask"])
-            preds = [p.strip() for p in model.decoder.decode(answer_ids)]
-        _add(sums, "lm_loss", loss_sum, tokens)
+        loss_sum, count = model.decoder.eval_loss(prefix, batch)
+        preds, per_example = model.decoder.answer(prefix, batch, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
+        _add(sums, "lm_loss", loss_sum, count)
         for i, (pred, gold) in enumerate(zip(preds, batch["answers"])):
             em, f1 = exact_match(pred, gold), token_f1(pred, gold)
             kind, attribute = batch["kinds"][i], batch["attributes"][i]
             for group in ("", f"{kind}/") + ((f"{kind}/{attribute}/",) if attribute else ()):
                 _add(sums, f"{group}exact_match", em, 1)
                 _add(sums, f"{group}token_f1", f1, 1)
-            if halts is not None:
-                _add(sums, "trm/halt_step", float(halts[i]), 1)
+            for name, values in per_example.items():
+                _add(sums, name, values[i], 1)
             if len(logged) < num_samples_to_log:
                 logged.append({
                     "key": batch["example_keys"][i], "kind": kind, "attribute": attribute,
@@ -92,15 +79,6 @@ def instruct_metrics(
 def _add(sums: dict, name: str, value: float, count: float) -> None:
     sums[name][0] += value
     sums[name][1] += count
-
-
-def _qwen_loss(model: InstructModel, prefix: torch.Tensor, batch: dict) -> tuple[float, int]:
-    """Summed cross-entropy over the supervised tokens, and their number (so ranks and batches
-    of different lengths average per token, not per batch)."""
-    out = model.decoder(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
-    # The model's loss is the mean over the shifted labels; its count undoes the mean.
-    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return float(out.loss) * tokens, tokens
 
 
 def _first_samples(batch: dict, n: int) -> dict:

@@ -1,10 +1,11 @@
-"""The instruct-stage model: aligned adapters -> connector -> prefix tokens -> decoder (Qwen or TRM).
+"""The instruct-stage model: aligned adapters -> connector -> prefix tokens -> a decoder.
 
     features --adapters (from the align run)--> aligned embedding [B, D]       (connector_input pooled)
                                                 or Perceiver latents [B, T, W] (connector_input tokens)
              --connector per prefix modality--> [B, num_prefix_tokens, decoder width], concatenated
-             --row per instruction example---> decoder loss (Qwen: LM loss on answer + EOS;
-                                                TRM: deep-supervision loss)
+             --row per instruction example---> the decoder's loss (decoders/base.py: Qwen's LM
+                                                loss on answer + end of turn, the TRM's
+                                                deep-supervision loss, a plug-in's own)
 
 The adapters are the align stage's `AlignmentModel` (the same class, so an align checkpoint loads
 into it by name). Adapters of modalities that are not a prefix never run and never train; the
@@ -20,8 +21,8 @@ import torch
 from torch import nn
 
 from edge_glass.config import Config
-from edge_glass.decoders.causal_baseline import CausalBaseline
-from edge_glass.decoders.trm import TRM, TRMBatch, deep_supervision_loss
+from edge_glass.decoders.base import Decoder
+from edge_glass.decoders.registry import build_decoder
 from edge_glass.models.alignment import AlignmentModel, FeatureInfo
 from edge_glass.models.connector import Connector
 
@@ -31,22 +32,12 @@ class InstructModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         dec = cfg.decoder
-        # "causal": the TRM section's network as a plain causal decoder (the baseline).
-        self.kind = "causal" if dec.kind == "trm" and not dec.trm.recursive else dec.kind
         self.prefix_modalities = list(dec.prefix_modalities)
         self.lm_weight = cfg.loss.lm_weight
         self.align = AlignmentModel(cfg.model, cfg.loss, features)
-        if dec.kind == "qwen":
-            from edge_glass.decoders.qwen import QwenDecoder
-
-            self.decoder: nn.Module = QwenDecoder(dec.qwen)
-            width = self.decoder.hidden_size
-        elif dec.trm.recursive:
-            self.decoder = TRM(dec.trm)
-            width = dec.trm.hidden_dim
-        else:
-            self.decoder = CausalBaseline(dec.trm)
-            width = dec.trm.hidden_dim
+        self.decoder: Decoder = build_decoder(dec)
+        self.kind = self.decoder.kind
+        width = self.decoder.width
         self.connectors = nn.ModuleDict()
         for m in self.prefix_modalities:
             in_dim = cfg.model.shared_dim if dec.connector_input == "pooled" else getattr(cfg.model.adapters, m).hidden_dim
@@ -65,12 +56,6 @@ class InstructModel(nn.Module):
     @property
     def tokenizer(self):
         return self.decoder.tokenizer
-
-    def special_ids(self) -> tuple[int, int]:
-        """(pad id, end-of-answer id) the batches are built with."""
-        if self.kind == "qwen":
-            return self.decoder.pad_id, self.decoder.end_of_turn_id
-        return self.decoder.pad_id, self.decoder.eos_id
 
     def train(self, mode: bool = True) -> "InstructModel":
         super().train(mode)
@@ -91,16 +76,8 @@ class InstructModel(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, detached terms for logging) of one instruction batch."""
-        prefix = self.prefix(batch)[batch["example_sample"]]
-        if self.kind == "qwen":
-            out = self.decoder(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
-            return self.lm_weight * out.loss, {}
-        if self.kind == "causal":
-            loss, _ = self.decoder.loss(prefix, batch["question_ids"], batch["question_mask"], batch["labels"])
-            return self.lm_weight * loss, {}
-        trm_batch = TRMBatch(batch["question_ids"], batch["question_mask"], batch["labels"], prefix)
-        loss, stats = deep_supervision_loss(self.decoder, trm_batch)
-        return self.lm_weight * loss, {f"trm/{k}": torch.tensor(v) for k, v in stats.items() if k in ("exact", "first_exact")}
+        loss, parts = self.decoder.batch_loss(self.prefix(batch)[batch["example_sample"]], batch)
+        return self.lm_weight * loss, parts
 
     def parameter_table(self) -> list[tuple[str, int, int]]:
         """(module, trainable, frozen) parameter counts: prefix adapters, connectors, decoder."""

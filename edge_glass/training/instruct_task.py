@@ -2,8 +2,8 @@
 
 The adapters start from an align run (`train.init_from`, its best checkpoint), as LLaVA's second
 stage starts from its first: the decoder then learns from features that already carry the
-caption's content (notes/learnability.md §3: 84-96 % exact match aligned against 50-74 %
-unaligned in the same time). Without `init_from` the adapters start from random weights, which is
+caption's content (on the synthetic set: 84-96 % exact match from aligned adapters against
+50-74 % from unaligned ones in the same time). Without `init_from` the adapters start from random weights, which is
 allowed (it is the ablation) but said on rank 0.
 
 The align run must match: the same `model` section (the adapters are rebuilt from it and loaded
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edge_glass.config import Config, config_to_dict, load_config
+from edge_glass.config import Config, config_to_dict
 from edge_glass.features.loader import FeatureLoader
 from edge_glass.features.manifest import differences, load_manifest, manifest_encoder_fingerprint
 from edge_glass.features.store import FeatureSplit
@@ -31,7 +31,7 @@ from edge_glass.training.align_task import to_device
 from edge_glass.training.instruct_batches import InstructBatcher
 from edge_glass.training.instruct_eval import instruct_metrics
 from edge_glass.training.instruct_model import InstructModel
-from edge_glass.training.run_loading import fp32_state_dict, resolve_checkpoint
+from edge_glass.training.run_loading import fp32_state_dict, load_trained_weights, resolve_checkpoint, run_config
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
 
@@ -64,7 +64,7 @@ def resolve_init_checkpoint(cfg: Config) -> str | None:
     run = Path(cfg.train.init_from)
     if not (run / "config.yaml").is_file():
         raise UserError(f"train.init_from: {run} is not a run directory (no config.yaml); train the align stage first")
-    align_cfg = load_config(run / "config.yaml")
+    align_cfg = run_config(run)
     if align_cfg.train.stage != "align":
         raise UserError(f"train.init_from: {run} is a {align_cfg.train.stage!r} run; it must be an align run")
     changed = differences(config_to_dict(align_cfg)["model"], config_to_dict(cfg)["model"], "model")
@@ -107,10 +107,9 @@ class InstructTask:
         self.init_checkpoint = init_checkpoint if init_checkpoint is not None else resolve_init_checkpoint(cfg)
         self.model = build_instruct_model(cfg, train_split.manifest, self.init_checkpoint)
         self.modalities = list(cfg.decoder.prefix_modalities)
-        pad_id, eos_id = self.model.special_ids()
-        self.batcher = InstructBatcher(cfg, self.model.tokenizer, pad_id=pad_id, eos_id=eos_id)
+        self.batcher = InstructBatcher(cfg, self.model.decoder)
         self.loader_options = {"with_meta": True, "transform": self.batcher.train_batch}
-        self.logged_parts = ("trm/exact", "trm/first_exact")
+        self.logged_parts = self.model.decoder.logged_parts
 
     def describe(self) -> str:
         source = self.init_checkpoint or "random weights (train.init_from is null)"
@@ -139,24 +138,13 @@ def load_instruct_model(run_dir: str | Path, which: str = "best") -> tuple[Confi
     """(config, model in eval mode with the checkpoint's trained weights, checkpoint used)."""
     from edge_glass.features.store import open_store
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    checkpoint = resolve_checkpoint(run_dir, which)
+    cfg = run_config(run_dir)
+    checkpoint = resolve_checkpoint(Path(run_dir), which)
     train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
     # The frozen parts are rebuilt as the run built them: the base decoder from its id, the
     # adapters from the align checkpoint the run started from.
     model = build_instruct_model(cfg, train_split.manifest, ckpt.read_meta(checkpoint).get("init_checkpoint"))
-    try:
-        missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
-    except RuntimeError as e:  # shape mismatches: the code's defaults changed since the run
-        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"{checkpoint}: weights do not fit the run's model ({detail})") from None
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = [k for k in missing if k in trainable]
-    if unexpected or missing:
-        raise UserError(f"{checkpoint}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_trained_weights(model, checkpoint)
     return cfg, model.eval(), checkpoint
 
 
@@ -167,3 +155,24 @@ def eval_loader(cfg: Config, split: FeatureSplit, batcher: InstructBatcher, rank
         rank=rank, world_size=world_size, block_size=cfg.data.read_block_size, prefetch_batches=1,
         with_meta=True, transform=batcher.eval_batch,
     )
+
+
+def eval_batches(cfg: Config, model: InstructModel, split: FeatureSplit):
+    """The split's evaluation batches on the model's device (stage entry, training/task.py)."""
+    device = next(model.parameters()).device
+    return (to_device(b, device) for b in eval_loader(cfg, split, InstructBatcher(cfg, model.decoder)))
+
+
+def evaluate_batches(cfg: Config, model: InstructModel, batches, *, num_samples_to_log: int = 0) -> tuple[dict, list]:
+    """(QA metrics, logged generations) of a loaded model over the batches."""
+    return instruct_metrics(model, batches, max_new_tokens=cfg.eval.max_new_tokens, max_samples=cfg.eval.max_samples,
+                            num_samples_to_log=num_samples_to_log)
+
+
+def report(cfg: Config, metrics: dict, logged: list, summary: dict, stem: Path) -> list[Path]:
+    """The QA table, `<stem>.json` and the generations in `<stem>-samples.jsonl`."""
+    from edge_glass.training.instruct_report import print_qa_table, write_qa_reports
+
+    print_qa_table(metrics, f"{cfg.experiment.name} · {summary['split']} · {int(metrics['num_examples'])} examples · "
+                            f"{Path(summary['checkpoint']).name}")
+    return write_qa_reports(metrics, logged, summary, stem)

@@ -18,6 +18,31 @@ from edge_glass.training.safe_load import safe_torch_load
 from edge_glass.utils.errors import UserError
 
 
+def run_config(run_dir: str | Path) -> Config:
+    """The config a run directory was trained with; a UserError if it is not a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); train one with: "
+                        "python scripts/train.py --config <config>")
+    return load_config(path)
+
+
+def load_trained_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The checkpoint's trained weights into `model`. A checkpoint holds every trainable
+    parameter; what it leaves out (frozen parameters and tied copies, rebuilt from the config;
+    standardisation buffers, from the manifest) may be missing. Any trainable parameter missing,
+    or any weight the model lacks, is refused."""
+    try:
+        missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
+    except RuntimeError as e:  # shape mismatches: the code's defaults changed since the run
+        lines = str(e).splitlines()
+        raise UserError(f"{checkpoint}: weights do not fit the run's model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in missing if k in trainable]
+    if unexpected or missing:
+        raise UserError(f"{checkpoint}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """`best`, `latest`, or a checkpoint directory."""
     root = Path(run_dir) / "checkpoints"
@@ -48,20 +73,10 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def load_alignment_model(run_dir: str | Path, which: str = "best") -> tuple[Config, AlignmentModel, Path]:
     """(config, model in eval mode with trained weights, checkpoint used)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(config_path)
-    checkpoint = resolve_checkpoint(run_dir, which)
+    cfg = run_config(run_dir)
+    checkpoint = resolve_checkpoint(Path(run_dir), which)
     train_split = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
     features = {m: FeatureInfo.from_manifest(train_split.manifest, m) for m in cfg.model.adapters.enabled()}
     model = AlignmentModel(cfg.model, cfg.loss, features)
-    missing, unexpected = model.load_state_dict(fp32_state_dict(checkpoint), strict=False)
-    # Checkpoints leave frozen parameters out (they are rebuilt from the config), and the
-    # standardisation buffers come from the store's manifest.
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    missing = [k for k in missing if k not in frozen and not k.endswith((".mean", ".std"))]
-    if unexpected or missing:
-        raise UserError(f"{checkpoint}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_trained_weights(model, checkpoint)
     return cfg, model.eval(), checkpoint

@@ -1,10 +1,16 @@
-"""What a run writes for people: metrics.jsonl (rank 0) and the parameter table."""
+"""What a run writes for people: metrics.jsonl (rank 0), its training records, and the parameter table."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from edge_glass.training.flops import mfu
 
 from rich.console import Console
 from rich.table import Table
@@ -54,3 +60,28 @@ def parameter_table(rows: list[tuple[str, int, int]], run_dir: Path) -> None:
     table.add_row("[bold]total", f"[bold]{sum(r[1] for r in rows):,}", f"[bold]{sum(r[2] for r in rows):,}")
     Console(stderr=True).print(table)
     (Path(run_dir) / "parameters.json").write_text(json.dumps([{"module": n, "trainable": t, "frozen": f} for n, t, f in rows], indent=1))
+
+
+def train_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int,
+                device: torch.device, flops_per_micro: int | None, peak: float | None) -> dict:
+    """The window's metrics.jsonl record (the loss averaged over its finite micro-batches, with
+    `skipped_nonfinite` steps counted); `mfu` only where the FLOPs and the device's peak are known."""
+    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+    totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=device).reshape(())
+                          for k in ("loss", "finite")])
+    if world > 1:
+        dist.all_reduce(totals)
+    loss = totals[0] / totals[1].clamp(min=1)
+    utilisation = mfu(flops_per_micro * window["micro"], elapsed, peak) if flops_per_micro else None
+    return {
+        "kind": "train",
+        "step": step,
+        "epoch": epoch,
+        "loss": float(loss.item()),
+        **({"skipped_nonfinite": window["skipped"]} if window["skipped"] else {}),
+        "lr": lr,
+        "samples_per_s": window["micro"] * samples_per_micro / elapsed,
+        "data_wait": window["wait"] / elapsed,
+        **{k: float(v) for k, v in parts.items()},
+        **({"mfu": utilisation} if utilisation is not None else {}),
+    }

@@ -46,23 +46,19 @@ def write_variant_configs(cfg: Config) -> list[tuple[str, Path]]:
 
 def evaluate_sweep(cfg: Config, split: str | None = None, which: str = "best") -> list[dict]:
     """Retrieval rows of every variant's run on `split` (default: test, else val), each with `variant`."""
-    from edge_glass.features.loader import FeatureLoader
-    from edge_glass.features.store import open_store
-    from edge_glass.training.align_eval import alignment_metrics
+    from edge_glass.features.store import open_checked_split
     from edge_glass.training.report import rows
-    from edge_glass.training.run_loading import load_alignment_model
+    from edge_glass.training.task import load_run, stage_of
 
     if cfg.train.stage != "align":
         raise UserError("sweep reports cover align-stage sweeps (retrieval); evaluate instruct runs with scripts/evaluate.py")
     table = []
     for name, variant in variant_configs(cfg):
-        run = Path(variant.experiment.output_dir) / variant.experiment.name
-        vcfg, model, checkpoint = load_alignment_model(run, which)
-        split_name = split or vcfg.data.splits.test or vcfg.data.splits.val
-        data = open_store(vcfg.data.features_dir, split_name, vcfg.data.store_format)
-        loader = FeatureLoader(data, vcfg.data.eval_batch_size, modalities=vcfg.model.adapters.enabled(),
-                               shuffle=False, drop_last=False)
-        for row in rows(alignment_metrics(model, loader, vcfg.eval.recall_ks, vcfg.eval.chunk_size)):
+        vcfg, model, checkpoint = load_run(Path(variant.experiment.output_dir) / variant.experiment.name, which)
+        stage = stage_of(vcfg)
+        data = open_checked_split(vcfg, split or vcfg.data.splits.test or vcfg.data.splits.val)
+        metrics, _ = stage.evaluate(vcfg, model, stage.eval_batches(vcfg, model, data))
+        for row in rows(metrics):
             table.append({"variant": name, "checkpoint": checkpoint.name, **row})
     return table
 

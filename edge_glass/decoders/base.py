@@ -1,0 +1,64 @@
+"""The decoder contract: what the instruct stage asks of any language decoder.
+
+The instruct stage (training/instruct_*.py) turns a batch of samples into prefix embeddings
+[N, P, width] — one row per instruction example, P soft tokens from the connectors — and hands
+them with the example texts to a `Decoder`. Everything that differs between decoders sits behind
+these members: how examples become tensors (a chat template with prefix slots for Qwen, a plain
+question and a fixed-length answer for the TRM), the training loss, the evaluation loss and
+generation. The training code never asks which decoder it holds.
+
+    batch = decoder.encode_examples(examples, num_prefix_tokens)        # loader thread, CPU tensors
+    batch |= decoder.generation_inputs(examples, num_prefix_tokens)     # evaluation only
+    loss, parts = decoder.batch_loss(prefix, batch)                     # training step
+    loss_sum, count = decoder.eval_loss(prefix, batch)                 # evaluation
+    answers, per_example = decoder.answer(prefix, batch, max_new_tokens=..., synced_gpus=...)
+
+A new decoder implements this protocol (as an `nn.Module`, so DeepSpeed trains and checkpoints
+its parameters) and registers a builder in `decoders/registry.py`; see docs/extending.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss (prompt, prefix slots, padding)."""
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """A language decoder that reads soft prefix tokens; implemented by `nn.Module`s."""
+
+    kind: str
+    """The name runs, tables and logs show (`qwen`, `trm`, `causal`, a plug-in's name)."""
+    width: int
+    """Width of the prefix embeddings it reads (the connector's output width)."""
+    tokenizer: Any
+    """The Hugging Face tokenizer its texts go through."""
+    logged_parts: tuple[str, ...]
+    """Names in `loss`'s parts dict that the trainer writes to metrics.jsonl."""
+
+    def encode_examples(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+        """Training inputs of the examples (`{"prompt", "answer", ...}` dicts), as CPU tensors
+        with one row per example. Runs in the loader's prefetch thread: no device work here."""
+        ...
+
+    def generation_inputs(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, Any]:
+        """Extra inputs `answer` needs beyond `encode_examples`'s (may be empty)."""
+        ...
+
+    def batch_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the training loss, detached parts to log) of one batch; `prefix` is [N, P, width]."""
+        ...
+
+    def eval_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[float, int]:
+        """(summed loss, the count it is summed over), so ranks and batches average exactly."""
+        ...
+
+    def answer(
+        self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+    ) -> tuple[list[str], dict[str, list[float]]]:
+        """(one answer string per example, per-example extra metrics such as `trm/halt_step`)."""
+        ...
