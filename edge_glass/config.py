@@ -557,9 +557,15 @@ class TrainConfig:
     """Optimizer steps between lines in metrics.jsonl."""
     deepspeed: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its "auto" fields are filled from this config."""
-    monitor: list[Literal["csv", "tensorboard"]] = field(default_factory=lambda: ["csv"])
-    """DeepSpeed's own monitors under `<run>/monitor/` (what DeepSpeed records, e.g. the lr; the full
-    log is `metrics.jsonl`). tensorboard needs the package."""
+    monitor: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv"])
+    """Tracking backends that receive every metrics.jsonl record, with the optimizer step as the
+    step (DeepSpeed's monitors): CSV and TensorBoard under `<run>/monitor/`, W&B in project
+    `wandb_project` (`WANDB_MODE=offline` writes it under `<run>/monitor/wandb`, no network)."""
+    wandb_project: str = "edge-glass"
+    """W&B project of the run when `monitor` has wandb."""
+    progress_seconds: float = 30.0
+    """When the progress goes to a file rather than a terminal (SLURM, nohup), a plain progress
+    line (step, loss, samples/s, ETA) every this many seconds, instead of a bar."""
     init_from: str | None = None
     """Align run directory whose adapters the instruct stage starts from."""
     freeze_adapters: bool = True
@@ -578,7 +584,7 @@ class TrainConfig:
         for name in ("epochs", "max_steps"):
             if getattr(self, name) is not None:
                 _check_positive(self, name)
-        _check_positive(self, "grad_accum", "eval_interval", "save_interval", "keep_last", "log_interval")
+        _check_positive(self, "grad_accum", "eval_interval", "save_interval", "keep_last", "log_interval", "progress_seconds")
         _check_non_negative(self, "grad_clip")
 
 
@@ -594,12 +600,22 @@ class EvalConfig:
     """Generations written to the run directory for inspection."""
     max_samples: int | None = None
     """Instruct stage: evaluate generation on at most this many samples of the split (null: all)."""
+    label_field: str | None = "label"
+    """Field of a raw sample's JSON naming its class or group: samples with equal values are
+    positives of each other, and retrieval is also reported multi-positive (`group_R@K`: any
+    sample of the query's group counts, as COCO/Flickr30k count any of an image's captions).
+    Splits whose samples lack it get the strict one-to-one numbers only. Null: never."""
+    best_metric: Literal["R@1", "group_R@1"] = "R@1"
+    """Align stage: the validation metric (averaged over pairs at the full dimension) that picks
+    the best checkpoint; `group_R@1` needs samples with `label_field`."""
 
     def __post_init__(self) -> None:
         if not self.recall_ks or any(k <= 0 for k in self.recall_ks):
             raise ConfigError(f"{{path}}.recall_ks: need positive integers, got {self.recall_ks}")
         _check_positive(self, "chunk_size", "max_new_tokens")
         _check_non_negative(self, "num_samples_to_log")
+        if self.best_metric == "group_R@1" and self.label_field is None:
+            raise ConfigError("{path}.best_metric: group_R@1 needs eval.label_field (the samples' label)")
         if self.max_samples is not None:
             _check_positive(self, "max_samples")
 

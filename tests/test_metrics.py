@@ -275,3 +275,61 @@ def test_alignment_metrics_chunking_does_not_matter() -> None:
     for chunk in (1, 3):
         assert alignment_metrics(model, batches, ks=[1, 5], chunk_size=chunk) == ref
 
+
+
+def test_multi_positive_ranks_count_the_best_key_of_the_query_s_group():
+    from edge_glass.training.metrics import positive_ranks, ranks
+
+    # Unit vectors at angles (degrees); queries and keys of 4 samples, labels [A, A, B, B].
+    def at(*degrees):
+        rad = torch.tensor(degrees, dtype=torch.float64) * torch.pi / 180
+        return torch.stack([rad.cos(), rad.sin()], dim=1)
+
+    queries = at(0, 90, 180, 45)
+    keys = at(80, 5, 170, 40)
+    labels = torch.tensor([7, 7, 3, 3])
+    # Query 0 (0 deg): its own key (80) is beaten by keys at 5 and 40 -> strict rank 3; its best
+    # positive is key 1 (5 deg, same label), and no key outside the group is closer -> rank 1.
+    # Query 1 (90): its own key (5, 85 off) is beaten by keys at 80, 40 and 170 -> strict rank 4;
+    # its best positive is key 0 (80, 10 off), the negatives at 40 and 170 are farther -> rank 1.
+    # Query 2 (180): own key 170 is best overall -> 1 and 1.
+    # Query 3 (45): own key 40 (5 off) -> strict 1; group {2, 3}: best 40 -> 1.
+    assert ranks(queries, keys).tolist() == [3, 4, 1, 1]
+    assert positive_ranks(queries, keys, labels).tolist() == [1, 1, 1, 1]
+    # One label per sample: each group is the sample alone, the strict ranks.
+    assert positive_ranks(queries, keys, torch.tensor([0, 1, 2, 3])).tolist() == ranks(queries, keys).tolist()
+    m = retrieval_metrics(queries, keys, [1, 2], labels=labels, names=("q", "k"))
+    assert m["q->k/R@1"] == 0.5 and m["q->k/group_R@1"] == 1.0
+    # Keys -> queries, hand-computed: key 0 (80): queries at 90 (same group, 10 off) best -> 1.
+    assert m["k->q/group_R@1"] == 1.0
+
+
+def test_labels_from_the_samples_json_give_group_metrics_equal_to_hand_ranks() -> None:
+    import json
+
+    from edge_glass.training.align_eval import embed_split
+    from edge_glass.training.metrics import positive_ranks
+
+    model = small_model()
+    batches = loader_batches([4, 4, 3])
+    labels = ["a", "b", None, "a", "b", "b", "c", None, "a", "c", "b"]  # two samples without a label
+    flat = [b for batch in batches for b in range(len(batch["keys"]))]
+    assert len(flat) == len(labels)
+    i = 0
+    for batch in batches:
+        batch["meta"] = []
+        for _ in batch["keys"]:
+            batch["meta"].append(json.dumps({} if labels[i] is None else {"label": labels[i]}))
+            i += 1
+    m = alignment_metrics(model, batches, ks=[1, 5], label_field="label")
+    emb, _ = embed_split(model, batches)
+    # Unlabelled samples are a group of their own: ids 100+i never equal another's.
+    ids = torch.tensor([{"a": 0, "b": 1, "c": 2}.get(v, 100 + k) for k, v in enumerate(labels)])
+    for d in (8, 32):
+        want = positive_ranks(emb["vision"][:, :d], emb["text"][:, :d], ids)
+        assert m[f"vision_text@{d}/vision->text/group_R@1"] == pytest.approx(float((want <= 1).double().mean()))
+        assert m[f"vision_text@{d}/vision->text/group_mean_rank"] == pytest.approx(float(want.double().mean()))
+    # Without the field in any sample, only the strict metrics.
+    plain = alignment_metrics(model, loader_batches([4, 4, 3]), ks=[1, 5], label_field="label")
+    assert not any("group_" in k for k in plain)
+    assert plain == alignment_metrics(model, loader_batches([4, 4, 3]), ks=[1, 5])

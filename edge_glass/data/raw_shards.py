@@ -5,8 +5,9 @@
     <out>/<split>/index.json         shard names, per-shard sample counts and bytes, total;
                                      written last, so it also marks the split complete
 
-A sample always has its caption (txt) and metadata (json); the image and the audio are each
-optional, because real sets are often bi-modal (PixMo: image + text, AudioCaps: audio + text).
+A sample always has its caption (txt) and metadata (json; a `label` field — a class name or any
+group id — makes samples of one label positives of each other in evaluation, `eval.label_field`);
+the image and the audio are each optional, because real sets are often bi-modal (PixMo: image + text, AudioCaps: audio + text).
 `dataset.json` records which modalities the set has, by the names the rest of the package uses
 (`vision`, `audio`, `text`; the files keep their kinds), and a reader gets None for a missing one.
 Images a source already holds encoded (a downloaded JPEG or PNG) are stored as those bytes

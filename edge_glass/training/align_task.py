@@ -11,12 +11,13 @@ from edge_glass.features.loader import FeatureLoader
 from edge_glass.features.store import FeatureSplit
 from edge_glass.models.alignment import AlignmentModel, FeatureInfo
 from edge_glass.training.align_eval import alignment_metrics
+from edge_glass.utils.errors import UserError
 
 
 class AlignTask:
     """Contrastive alignment of the configured adapters (the `align` stage; training/task.py)."""
 
-    best_metric = "val/mean_R@1"
+    best_metric = "val/mean_R@1"  # the mean of eval.best_metric (R@1 or group_R@1) over pairs
     higher_is_better = True
 
     def __init__(self, cfg: Config, train_split: FeatureSplit, init_checkpoint: str | None = None) -> None:
@@ -40,11 +41,14 @@ class AlignTask:
                  zero_stage: int = 0) -> dict[str, float]:
         """Retrieval metrics on `split` (`samples_path` and `zero_stage` concern generation only)."""
         batches = (to_device(b, engine.device) for b in eval_loader(self.cfg, split, rank, world_size))
-        metrics = alignment_metrics(engine.module, batches, self.cfg.eval.recall_ks, self.cfg.eval.chunk_size)
-        full = self.cfg.model.shared_dim
-        r1 = [v for k, v in metrics.items() if f"@{full}/" in k and k.endswith("/R@1")]
+        metrics = evaluate_batches(self.cfg, engine.module, batches)[0]
+        full, name = self.cfg.model.shared_dim, self.cfg.eval.best_metric
+        chosen = [v for k, v in metrics.items() if f"@{full}/" in k and k.endswith(f"/{name}")]
+        if not chosen:
+            raise UserError(f"eval.best_metric: {name} needs samples whose JSON has eval.label_field "
+                            f"({self.cfg.eval.label_field!r}); {split.path} has none")
         out = {f"val/{k}": v for k, v in metrics.items()}
-        out[self.best_metric] = sum(r1) / max(len(r1), 1)
+        out[self.best_metric] = sum(chosen) / len(chosen)
         return out
 
 
@@ -53,6 +57,7 @@ def eval_loader(cfg: Config, split: FeatureSplit, rank: int = 0, world_size: int
     return FeatureLoader(
         split, cfg.data.eval_batch_size, modalities=cfg.model.adapters.enabled(), shuffle=False, drop_last=False,
         rank=rank, world_size=world_size, block_size=cfg.data.read_block_size, prefetch_batches=1,
+        with_meta=cfg.eval.label_field is not None,  # labels for multi-positive retrieval
     )
 
 
@@ -64,7 +69,7 @@ def eval_batches(cfg: Config, model: torch.nn.Module, split: FeatureSplit):
 
 def evaluate_batches(cfg: Config, model: torch.nn.Module, batches, *, num_samples_to_log: int = 0) -> tuple[dict, list]:
     """Retrieval metrics of a loaded model over the batches (nothing is logged per example)."""
-    return alignment_metrics(model, batches, cfg.eval.recall_ks, cfg.eval.chunk_size), []
+    return alignment_metrics(model, batches, cfg.eval.recall_ks, cfg.eval.chunk_size, cfg.eval.label_field), []
 
 
 def report(cfg: Config, metrics: dict, logged: list, summary: dict, stem: Path) -> list[Path]:

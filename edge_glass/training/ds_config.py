@@ -65,14 +65,6 @@ def build_ds_config(cfg: Config, path: str | Path, world_size: int, precision: s
             f"{path}: train_batch_size {ds['train_batch_size']} != micro batch {mbs} x grad_accum {gas} x {world_size} ranks; "
             'set it to "auto"'
         )
-    if "csv" in cfg.train.monitor:
-        ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "csv"}
-    if "tensorboard" in cfg.train.monitor:
-        try:
-            import tensorboard  # noqa: F401  (only checks that it is installed)
-        except ImportError:
-            raise UserError("train.monitor: tensorboard needs the package: pip install tensorboard") from None
-        ds["tensorboard"] = {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "tensorboard"}
     ds.setdefault("steps_per_print", 10**9)  # our own progress bar and metrics.jsonl report steps
     return ds
 

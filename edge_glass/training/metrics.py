@@ -6,6 +6,11 @@ the worst rank, not a lucky first place). Keys that share the query's group id (
 caption) are not competitors. Scores are computed `chunk_size` queries at a time, so a
 100k x 100k similarity matrix never exists in memory.
 
+Multi-positive retrieval (`positive_ranks`): when samples carry a label or group (several
+images of one class, several captions of one image), a query's rank is that of its best-scoring
+positive — any key of its group — among the keys outside the group, as COCO/Flickr30k
+evaluation counts any of an image's captions and classification counts any image of the class.
+
 Non-finite values never score well: a non-finite embedding is an error (a diverged model would
 otherwise rank every query first, since NaN >= x is false for every x), and a non-finite score
 ranks last.
@@ -55,6 +60,25 @@ def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, gro
     return out
 
 
+def positive_ranks(queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """[N] rank (1 = best) of each query's best positive (a key of its group, itself included)
+    among the keys outside its group; ties count against the query, as in `ranks`."""
+    check_finite(queries, "query")
+    check_finite(keys, "key")
+    q = F.normalize(queries.float(), dim=-1)
+    k = F.normalize(keys.float(), dim=-1)
+    n = q.shape[0]
+    out = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        scores = torch.nan_to_num(q[start:stop] @ k.T, nan=-torch.inf)  # [c, N]
+        positive = groups[start:stop, None] == groups[None, :]
+        best = scores.masked_fill(~positive, -torch.inf).max(dim=1).values
+        beats = ((scores >= best[:, None]) | ~torch.isfinite(best)[:, None]) & ~positive
+        out[start:stop] = 1 + beats.sum(dim=1).cpu()
+    return out
+
+
 def summarize(r: torch.Tensor, ks: list[int]) -> dict[str, float]:
     rf = r.double()
     metrics = {f"R@{k}": float((r <= k).double().mean()) for k in ks}
@@ -71,10 +95,15 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     group_ids: torch.Tensor | None = None,
     names: tuple[str, str] = ("a", "b"),
+    labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Metrics for a->b (queries a, keys b) and b->a, keyed `"<a>-><b>/R@1"` and so on."""
+    """Metrics for a->b (queries a, keys b) and b->a, keyed `"<a>-><b>/R@1"` and so on; with
+    `labels` (one id per sample) also the multi-positive ones, `"<a>-><b>/group_R@1"`, ..."""
     out = {}
     for (qn, kn), (q, k) in (((names[0], names[1]), (a, b)), ((names[1], names[0]), (b, a))):
         for key, value in summarize(ranks(q, k, chunk_size, group_ids), ks).items():
             out[f"{qn}->{kn}/{key}"] = value
+        if labels is not None:
+            for key, value in summarize(positive_ranks(q, k, labels, chunk_size), ks).items():
+                out[f"{qn}->{kn}/group_{key}"] = value
     return out

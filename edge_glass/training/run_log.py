@@ -20,9 +20,11 @@ class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped, so every
     step appears once even when a crash made the run redo a few steps."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, tracker=None) -> None:
+        """`tracker` (training/tracking.py) receives every record too."""
         self.path = Path(path)
         self.enabled = enabled
+        self.tracker = tracker
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -32,6 +34,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:
+            self.tracker.write(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.is_file():

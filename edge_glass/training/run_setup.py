@@ -26,6 +26,7 @@ from edge_glass.training.ds_config import build_ds_config, resolve_precision, ze
 from edge_glass.training.run_log import MetricsLog, parameter_table
 from edge_glass.training.schedule import lr_factor
 from edge_glass.training.task import Task, make_task
+from edge_glass.training.tracking import Tracker, monitor_sections
 from edge_glass.utils import distributed as D
 from edge_glass.utils.errors import UserError
 
@@ -85,6 +86,7 @@ def setup_run(cfg: Config, run_dir: Path, resume: str, weights_only: bool) -> Ru
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.train.precision, device.type)
     ds_cfg = build_ds_config(cfg, cfg.train.deepspeed, world, precision, run_dir)
+    monitors = monitor_sections(cfg.train.monitor, ds_cfg, run_dir, cfg.train.wandb_project)
     stage = zero_stage(ds_cfg)
     plan = R.prefer_universal(plan, world)
     R.check_topology(plan, stage, world, run_dir)
@@ -113,7 +115,9 @@ def setup_run(cfg: Config, run_dir: Path, resume: str, weights_only: bool) -> Ru
         model=model, model_parameters=trainable, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg.optim)),
     )
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
+    resumed = plan.checkpoint is not None
+    tracker = Tracker(monitors, run_dir, resume_step=plan.meta["step"] if resumed else 0, resumed=resumed)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0, tracker=tracker)
     setup = RunSetup(
         cfg, run_dir, task, engine, scheduler, loader, val_split, log, total_steps, stage, precision,
         meta_base={
@@ -126,7 +130,7 @@ def setup_run(cfg: Config, run_dir: Path, resume: str, weights_only: bool) -> Ru
             "precision": precision,
             "init_checkpoint": task.init_checkpoint,
         },
-        resumed=plan.checkpoint is not None,
+        resumed=resumed,
     )
     if plan.checkpoint is not None:
         R.restore(plan, engine, scheduler, loader, cfg.experiment.seed)

@@ -69,7 +69,8 @@ class _Loop:
         checks = StepChecks(s.engine.device)
         s.engine.train()
         try:
-            with progress_bar(f"train {s.cfg.experiment.name}", s.total_steps, unit="steps", enabled=D.rank() == 0) as bar:
+            with progress_bar(f"train {s.cfg.experiment.name}", s.total_steps, unit="steps", enabled=D.rank() == 0,
+                              line_seconds=s.cfg.train.progress_seconds) as bar:
                 bar.advance(self.step)
                 while self.step < s.total_steps:
                     if self._epoch(bar, stop, checks):
@@ -79,6 +80,7 @@ class _Loop:
         finally:
             watch.close()
             stop.restore()
+            s.log.close()
 
     def _epoch(self, bar, stop: StopFlag, checks: StepChecks) -> bool:
         """Steps until the epoch or the run ends; True when stopped by a signal or the launcher."""

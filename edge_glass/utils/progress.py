@@ -1,7 +1,14 @@
-"""Rank-0 progress bars (rich) with a rate and an ETA; every other rank stays quiet."""
+"""Rank-0 progress bars (rich) with a rate and an ETA; every other rank stays quiet.
+
+When the output is not a terminal (a SLURM log, nohup, a CI log) rich would draw the bar once,
+at the very end; there the progress is plain lines instead, one every `line_seconds` and one at
+the end: description, count, rate and ETA.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -45,11 +52,53 @@ class _Bar:
             self._progress.update(self._task, **fields)
 
 
+class _Lines:
+    """The bar's stand-in for a file: a plain line every `seconds` (checked as work advances)."""
+
+    def __init__(self, description: str, total: float | None, unit: str, seconds: float) -> None:
+        self.description, self.total, self.unit, self.seconds = description, total, unit, seconds
+        self.done = 0.0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.seconds:
+            self.emit()
+
+    def update(self, description: str | None = None, **fields) -> None:
+        if description is not None:
+            self.description = description
+
+    def emit(self) -> None:
+        now = time.monotonic()
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        count = f"{self.done:,.0f}" + (f"/{self.total:,.0f}" if self.total else "")
+        eta = ""
+        if self.total and rate > 0:
+            eta = f" · eta {_clock((self.total - self.done) / rate)}"
+        print(f"{self.description} · {count} {self.unit} · {rate:,.1f} {self.unit}/s · elapsed {_clock(elapsed)}{eta}",
+              file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @contextmanager
-def progress_bar(description: str, total: float | None, unit: str = "samples", enabled: bool = True) -> Iterator[_Bar]:
-    """A bar with count, rate and ETA when `enabled` (rank 0), a silent stand-in otherwise."""
+def progress_bar(description: str, total: float | None, unit: str = "samples", enabled: bool = True,
+                 line_seconds: float = 30.0) -> Iterator[_Bar]:
+    """A bar with count, rate and ETA when `enabled` (rank 0), a silent stand-in otherwise; plain
+    lines every `line_seconds` when stderr is not a terminal."""
     if not enabled:
         yield _Bar(None, None)
+        return
+    if not Console(stderr=True).is_terminal:
+        lines = _Lines(description, total, unit, line_seconds)
+        yield lines  # type: ignore[misc]  # the same advance/update surface as _Bar
+        lines.emit()
         return
     columns = [
         TextColumn("[bold]{task.description}"),

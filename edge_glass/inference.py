@@ -1,0 +1,265 @@
+"""Use a trained run on new inputs: embed raw files, classify zero-shot, answer questions.
+
+    p = Predictor("runs/vision_text_qwen", device="cuda")
+    p.embed("vision", ["cat.jpg"])                    # [1, D] unit vectors in the shared space
+    p.classify("vision", ["cat.jpg"], ["cat", "dog"])  # top classes from prompts through the text side
+    p.answer("What is the animal doing?", image="cat.jpg")   # an instruct run's decoder
+
+The run's recorded config says which frozen encoders made its store; they are rebuilt from it
+and checked against the store's manifest (the encoders' own description: weights hash, layer,
+preprocessing), so a changed encoder is refused with both fingerprints rather than feeding the
+adapters features they never saw. Raw files go through the very code extraction uses: the raw
+shards' decoder (`data/raw_shards.decode_sample`), the encoders' preprocessing and
+`features/extract.encode_batch` (float16 features, as a float16 store holds them), then the
+loader's batch layout — so a file's features equal the store's for the same sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from edge_glass.encoders.base import FrozenEncoder, resolve_dtype
+from edge_glass.features.extract import encode_batch
+from edge_glass.features.manifest import encoder_fingerprint
+from edge_glass.features.prepared_batches import prepare_batch
+from edge_glass.features.sample_checks import raw_problem
+from edge_glass.features.store import open_store
+from edge_glass.modalities import TEXT, raw_field, resolve, spec
+from edge_glass.training.align_task import to_device
+from edge_glass.training.task import load_run
+from edge_glass.utils.errors import UserError
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "{}")
+"""Zero-shot prompt templates when none are given (CLIP's simplest, and the bare class name)."""
+
+_RAW_KINDS = {"vision": ("png", "jpg", "jpeg"), "audio": ("flac", "wav")}
+"""The file extensions the raw shards' decoder reads per modality (data/raw_shards.py)."""
+
+
+def device_from(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:N`; a device this machine lacks is one line naming it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r}: only cpu and cuda devices are supported")
+    return device
+
+
+class Predictor:
+    """A trained run (align or instruct) with its frozen encoders, on one device."""
+
+    def __init__(self, run: str | Path, which: str = "best", device: str = "auto") -> None:
+        self.device = device_from(device)
+        self.cfg, model, self.checkpoint = load_run(run, which)
+        self.model = model.to(self.device).eval()
+        # The alignment model: the whole model of an align run, the adapters of an instruct run.
+        self.align = getattr(self.model, "align", self.model)
+        self.manifest = open_store(self.cfg.data.features_dir, self.cfg.data.splits.train,
+                                   self.cfg.data.store_format).manifest
+        self._encoders: dict[str, FrozenEncoder] = {}
+
+    # -- features ------------------------------------------------------------------------------
+
+    def encoder(self, modality: str) -> FrozenEncoder:
+        """The frozen encoder of `modality`, built from the run's config and checked against the store."""
+        if modality not in self._encoders:
+            sub = getattr(self.cfg.encoders, modality, None)
+            if sub is None or modality not in self.align.adapters:
+                raise UserError(f"{modality}: the run has no {modality} adapter (model.adapters.{modality})")
+            enc = resolve(spec(modality).encoder)(sub, self.device, resolve_dtype(sub.dtype, self.device))
+            theirs = self.manifest["encoders"].get(modality)
+            ours = json.loads(json.dumps(enc.describe()))  # as the manifest holds it (lists, not tuples)
+            if theirs != ours:
+                raise UserError(
+                    f"encoders.{modality}: {sub.model} now computes other features than the run's store was made with "
+                    f"(encoder fingerprint {encoder_fingerprint({modality: ours})}, store "
+                    f"{encoder_fingerprint({modality: theirs})}); use the encoder the store was extracted with"
+                )
+            self._encoders[modality] = enc
+        return self._encoders[modality]
+
+    def features(self, modality: str, items: Sequence) -> dict[str, torch.Tensor]:
+        """Store-layout features (`tokens` [N, T, D] float16, `mask`, `pooled`) of raw items:
+        file paths (images, audio) or strings (text); decoded images and (waveform, rate) pairs too."""
+        encoders = {modality: self.encoder(modality)}  # a refused encoder before any file is read
+        samples = [self._sample(modality, item, i) for i, item in enumerate(items)]
+        for s in samples:
+            problem = raw_problem(s, encoders)
+            if problem is not None:
+                raise UserError(f"{s['key']}: {problem[1]}")
+        stored = encode_batch(prepare_batch(samples, encoders, Path("<input>"), 0), encoders, "float16", "float16", None)
+        if bool(stored.bad.any()):
+            bad = [samples[i]["key"] for i in torch.nonzero(stored.bad).flatten().tolist()]
+            raise UserError(f"{bad[0]}: the {modality} encoder's output is not finite")
+        return _padded(stored.tokens[modality], stored.lengths[modality], stored.pooled[modality])
+
+    @torch.no_grad()
+    def embed(self, modality: str, items: Sequence, dim: int | None = None) -> torch.Tensor:
+        """Unit-length shared-space embeddings [N, dim] (dim: any MRL size; default the full one)."""
+        feats = to_device({modality: self.features(modality, items)}, self.device)
+        out = self.align.adapters[modality](feats[modality]).float()
+        return torch.nn.functional.normalize(out[:, : dim or out.shape[1]], dim=-1).cpu()
+
+    # -- zero-shot classification --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def classify(self, modality: str, items: Sequence, class_names: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5, dim: int | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k (class, probability) per item: each class is the mean of its prompts' text
+        embeddings (CLIP's prompt ensembling), scored by cosine similarity and the model's learned
+        temperature."""
+        return [[(class_names[i], p) for i, p in row] for row in self.class_probabilities(
+            modality, items, class_names, templates, k, dim)]
+
+    @torch.no_grad()
+    def class_probabilities(self, modality: str, items: Sequence, class_names: Sequence[str],
+                            templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5,
+                            dim: int | None = None) -> list[list[tuple[int, float]]]:
+        """`classify` with class indices instead of names."""
+        if not class_names:
+            raise UserError("zero-shot classification needs at least one class name")
+        _check_templates(templates)  # before any encoder runs
+        queries = self.embed(modality, items, dim)
+        classes = class_embeddings(lambda texts: self.embed(TEXT, texts, dim), class_names, templates)
+        probs = (self.align.logit_scale().float().cpu() * queries @ classes.T).softmax(dim=-1)
+        top = probs.topk(min(k, len(class_names)), dim=-1)
+        return [[(int(i), float(p)) for i, p in zip(idx, val)] for idx, val in zip(top.indices, top.values)]
+
+    # -- search -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def index_split(self, split: str, modality: str, dim: int | None = None) -> "SplitIndex":
+        """Unit embeddings of every sample of a split of the run's store, in store order."""
+        from edge_glass.features.loader import FeatureLoader
+        from edge_glass.features.store import open_checked_split
+        from edge_glass.utils.progress import progress_bar
+
+        if modality not in self.align.adapters:
+            raise UserError(f"{modality}: the run has no {modality} adapter (model.adapters.{modality})")
+        data = open_checked_split(self.cfg, split)
+        loader = FeatureLoader(data, self.cfg.data.eval_batch_size, modalities=[modality], shuffle=False, drop_last=False)
+        keys, captions, parts = [], [], []
+        with progress_bar(f"index {split} ({modality})", len(data)) as bar:
+            for batch in loader:
+                out = self.align.adapters[modality](to_device(batch, self.device)[modality]).float()
+                parts.append(torch.nn.functional.normalize(out[:, : dim or out.shape[1]], dim=-1).cpu())
+                keys += batch["keys"]
+                captions += batch["captions"]
+                bar.advance(len(batch["keys"]))
+        return SplitIndex(keys, captions, torch.cat(parts))
+
+    # -- answering -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def answer(self, question: str, *, image=None, audio=None, max_new_tokens: int | None = None) -> str:
+        """The instruct run's greedy answer to `question` about an image and/or a clip."""
+        if not hasattr(self.model, "decoder"):
+            raise UserError(f"{self.cfg.experiment.name} is an {self.cfg.train.stage} run: it has no decoder to "
+                            "answer with (train the instruct stage, or embed/classify with this run)")
+        given = {"vision": image, "audio": audio}
+        prefix_modalities = list(self.cfg.decoder.prefix_modalities)
+        missing = [m for m in prefix_modalities if given.get(m) is None]
+        if missing:
+            raise UserError(f"this run's decoder reads {' and '.join(prefix_modalities)}; give --{missing[0].replace('vision', 'image')}")
+        batch = {m: self.features(m, [given[m]]) for m in prefix_modalities}
+        examples = [{"prompt": question, "answer": ""}]
+        decoder = self.model.decoder
+        n = self.cfg.decoder.num_prefix_tokens * len(prefix_modalities)
+        batch.update(decoder.encode_examples(examples, n))
+        batch.update(decoder.generation_inputs(examples, n))
+        batch = to_device(batch, self.device)
+        prefix = self.model.prefix(batch)
+        answers, _ = decoder.answer(prefix, batch, max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens)
+        return answers[0]
+
+    # -----------------------------------------------------------------------------------------------
+
+    def _sample(self, modality: str, item, index: int) -> dict:
+        """A decoded raw sample holding `item` in `modality`'s raw field, as extraction sees one."""
+        sample = {"key": f"input {index}", "image": None, "audio": None, "sample_rate": None, "caption": "x", "json": {}}
+        if modality == TEXT:
+            if not isinstance(item, str):
+                raise UserError(f"text input {index}: expected a string, got {type(item).__name__}")
+            sample["caption"] = item
+            return sample
+        if isinstance(item, (str, Path)):
+            return {**sample, **decode_file(Path(item), modality)}
+        if modality == "audio":
+            sample["audio"], sample["sample_rate"] = item
+        else:
+            sample[raw_field(modality)] = item
+        return sample
+
+
+class SplitIndex:
+    """Exact cosine search over unit embeddings (a matrix product per query batch; an ANN
+    library only pays at sizes where this stops fitting in a second)."""
+
+    def __init__(self, keys: list[str], captions: list[str], embeddings: torch.Tensor) -> None:
+        self.keys, self.captions, self.embeddings = keys, captions, embeddings
+
+    def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """Per query: the top-k samples as {key, caption, score}, best first."""
+        if queries.shape[1] != self.embeddings.shape[1]:
+            raise UserError(f"queries have {queries.shape[1]} dims, the index {self.embeddings.shape[1]}; use the same --dim")
+        top = (queries @ self.embeddings.T).topk(min(k, len(self.keys)), dim=1)
+        return [[{"key": self.keys[i], "caption": self.captions[i], "score": float(v)} for v, i in zip(vals, idx.tolist())]
+                for vals, idx in zip(top.values, top.indices)]
+
+
+def decode_file(path: Path, modality: str) -> dict:
+    """The raw fields of one file, decoded by the raw shards' decoder (so a file and the same
+    bytes in a shard decode alike); a missing, unreadable or unsupported file is one line."""
+    from edge_glass.data.raw_shards import decode_sample
+
+    kinds = _RAW_KINDS.get(modality)
+    if kinds is None:
+        raise UserError(f"{path}: {modality} inputs are not read from files")
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in kinds:
+        raise UserError(f"{path}: unsupported {modality} file type {path.suffix or '(none)'!r}; use {', '.join(kinds)}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    decoded = decode_sample({"__key__": path.name, "jpg" if ext == "jpeg" else ext: data, "txt": b"x", "json": b"{}"},
+                            url=str(path))
+    decoded["key"] = str(path)
+    return {k: v for k, v in decoded.items() if k in ("key", "image", "audio", "sample_rate")}
+
+
+def class_embeddings(embed_texts, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """[C, D] unit vectors: per class, the normalised mean of its templates' text embeddings."""
+    _check_templates(templates)
+    prompts = [t.format(name) for name in class_names for t in templates]
+    emb = embed_texts(prompts).reshape(len(class_names), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def _check_templates(templates: Sequence[str]) -> None:
+    if not templates or any("{}" not in t for t in templates):
+        raise UserError(f"zero-shot templates must each hold '{{}}' where the class name goes, got {list(templates)}")
+
+
+def _padded(rows: torch.Tensor, lengths, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Flat stored token rows -> the loader's padded layout (zeros past each length)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    t = int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    tokens = torch.zeros((len(lengths), t, rows.shape[1]), dtype=rows.dtype)
+    tokens[mask] = rows
+    return {"tokens": tokens, "mask": mask, "pooled": pooled}

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Search a split of a run's feature store with text, an image or a clip.
+
+    python scripts/search.py --run runs/quickstart --text "a large red circle" --target vision
+    python scripts/search.py --run runs/quickstart --image query.png --target text --top_k 10 --json
+
+The split's samples are embedded with the run's adapters (at `--dim`, any MRL size) and scored
+by cosine similarity against the query's embedding; the top-k keys come with their scores and
+captions, as a table and, with --json, as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edge_glass.utils.cli import run_main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--split", default=None, help="split to search (default: the config's test split, else val)")
+    parser.add_argument("--target", default="vision", help="the modality searched: vision, audio or text")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", help="an image file query")
+    query.add_argument("--audio", help="an audio file query")
+    parser.add_argument("--dim", type=int, default=None, help="MRL dimension (default: the full one)")
+    parser.add_argument("--top_k", type=int, default=5, help="results shown")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON lines instead of a table")
+    args = parser.parse_args(argv)
+
+    from edge_glass.inference import Predictor
+
+    p = Predictor(args.run, args.checkpoint, args.device)
+    split = args.split or p.cfg.data.splits.test or p.cfg.data.splits.val
+    modality, item = next((m, v) for m, v in (("text", args.text), ("vision", args.image), ("audio", args.audio)) if v)
+    results = p.index_split(split, args.target, args.dim).search(p.embed(modality, [item], args.dim), args.top_k)[0]
+    if args.json:
+        for rank, r in enumerate(results, 1):
+            print(json.dumps({"rank": rank, **r}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.target} in {split} for {modality} {item!r}")
+    for column in ("rank", "key", "score", "caption"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    for rank, r in enumerate(results, 1):
+        table.add_row(str(rank), r["key"], f"{r['score']:.4f}", r["caption"])
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
