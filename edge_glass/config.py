@@ -31,6 +31,9 @@ from edge_glass.modalities import FUSION_INPUTS
 from edge_glass.utils.errors import UserError
 from edge_glass.utils.io import write_text_atomic
 
+DEFAULT_TEMPLATES = ("a photo of a {}.", "{}")
+"""Zero-shot prompt templates when none are given (CLIP's simplest, and the bare class name)."""
+
 Modality = Literal[MODALITY_NAMES]  # type: ignore[valid-type]  # the names in edge_glass/modalities.py
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -605,17 +608,28 @@ class EvalConfig:
     positives of each other, and retrieval is also reported multi-positive (`group_R@K`: any
     sample of the query's group counts, as COCO/Flickr30k count any of an image's captions).
     Splits whose samples lack it get the strict one-to-one numbers only. Null: never."""
-    best_metric: Literal["R@1", "group_R@1"] = "R@1"
-    """Align stage: the validation metric (averaged over pairs at the full dimension) that picks
-    the best checkpoint; `group_R@1` needs samples with `label_field`."""
+    zero_shot_classes: list[str] = field(default_factory=list)
+    """Align stage: class names for zero-shot classification of each perceptual modality against
+    text prompts (`zero_shot/<modality>/top1`, `top5`); a sample's class is its `label_field`.
+    Empty: no zero-shot evaluation."""
+    zero_shot_templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """Prompt templates, `{}` where the class name goes; a class is the mean of its prompts."""
+    best_metric: Literal["R@1", "group_R@1", "zero_shot"] = "R@1"
+    """Align stage: the validation metric that picks the best checkpoint: R@1 or group_R@1
+    averaged over pairs at the full dimension (group_R@1 needs samples with `label_field`), or
+    zero-shot top-1 accuracy averaged over modalities (needs `zero_shot_classes`)."""
 
     def __post_init__(self) -> None:
         if not self.recall_ks or any(k <= 0 for k in self.recall_ks):
             raise ConfigError(f"{{path}}.recall_ks: need positive integers, got {self.recall_ks}")
         _check_positive(self, "chunk_size", "max_new_tokens")
         _check_non_negative(self, "num_samples_to_log")
-        if self.best_metric == "group_R@1" and self.label_field is None:
-            raise ConfigError("{path}.best_metric: group_R@1 needs eval.label_field (the samples' label)")
+        if self.best_metric in ("group_R@1", "zero_shot") and self.label_field is None:
+            raise ConfigError(f"{{path}}.best_metric: {self.best_metric} needs eval.label_field (the samples' label)")
+        if self.best_metric == "zero_shot" and not self.zero_shot_classes:
+            raise ConfigError("{path}.best_metric: zero_shot needs eval.zero_shot_classes")
+        if self.zero_shot_classes and (not self.zero_shot_templates or any("{}" not in t for t in self.zero_shot_templates)):
+            raise ConfigError(f"{{path}}.zero_shot_templates: each needs '{{}}' for the class name, got {self.zero_shot_templates}")
         if self.max_samples is not None:
             _check_positive(self, "max_samples")
 

@@ -16,25 +16,19 @@ loader's batch layout — so a file's features equal the store's for the same sa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from edge_glass.encoders.base import FrozenEncoder, resolve_dtype
-from edge_glass.features.extract import encode_batch
-from edge_glass.features.manifest import encoder_fingerprint
-from edge_glass.features.prepared_batches import prepare_batch
-from edge_glass.features.sample_checks import raw_problem
+from edge_glass.encoders.base import FrozenEncoder
+from edge_glass.features.raw_features import checked_encoder, features_of, raw_sample
 from edge_glass.features.store import open_store
-from edge_glass.modalities import TEXT, raw_field, resolve, spec
+from edge_glass.modalities import TEXT, raw_field
 from edge_glass.training.align_task import to_device
 from edge_glass.training.task import load_run
+from edge_glass.training.zero_shot import DEFAULT_TEMPLATES, check_templates, class_embeddings
 from edge_glass.utils.errors import UserError
-
-DEFAULT_TEMPLATES = ("a photo of a {}.", "{}")
-"""Zero-shot prompt templates when none are given (CLIP's simplest, and the bare class name)."""
 
 _RAW_KINDS = {"vision": ("png", "jpg", "jpeg"), "audio": ("flac", "wav")}
 """The file extensions the raw shards' decoder reads per modality (data/raw_shards.py)."""
@@ -61,13 +55,20 @@ class Predictor:
     """A trained run (align or instruct) with its frozen encoders, on one device."""
 
     def __init__(self, run: str | Path, which: str = "best", device: str = "auto") -> None:
+        """`run`: a run directory (`which` checkpoint) or an export folder."""
+        from edge_glass.export import export_manifest, is_export, load_export
+
         self.device = device_from(device)
-        self.cfg, model, self.checkpoint = load_run(run, which)
+        if is_export(run):  # an export folder (scripts/export.py): no store, no DeepSpeed checkpoint
+            self.cfg, model, self.checkpoint = load_export(run)
+            self.manifest = export_manifest(run)
+        else:
+            self.cfg, model, self.checkpoint = load_run(run, which)
+            self.manifest = open_store(self.cfg.data.features_dir, self.cfg.data.splits.train,
+                                       self.cfg.data.store_format).manifest
         self.model = model.to(self.device).eval()
         # The alignment model: the whole model of an align run, the adapters of an instruct run.
         self.align = getattr(self.model, "align", self.model)
-        self.manifest = open_store(self.cfg.data.features_dir, self.cfg.data.splits.train,
-                                   self.cfg.data.store_format).manifest
         self._encoders: dict[str, FrozenEncoder] = {}
 
     # -- features ------------------------------------------------------------------------------
@@ -75,35 +76,16 @@ class Predictor:
     def encoder(self, modality: str) -> FrozenEncoder:
         """The frozen encoder of `modality`, built from the run's config and checked against the store."""
         if modality not in self._encoders:
-            sub = getattr(self.cfg.encoders, modality, None)
-            if sub is None or modality not in self.align.adapters:
+            if modality not in self.align.adapters:
                 raise UserError(f"{modality}: the run has no {modality} adapter (model.adapters.{modality})")
-            enc = resolve(spec(modality).encoder)(sub, self.device, resolve_dtype(sub.dtype, self.device))
-            theirs = self.manifest["encoders"].get(modality)
-            ours = json.loads(json.dumps(enc.describe()))  # as the manifest holds it (lists, not tuples)
-            if theirs != ours:
-                raise UserError(
-                    f"encoders.{modality}: {sub.model} now computes other features than the run's store was made with "
-                    f"(encoder fingerprint {encoder_fingerprint({modality: ours})}, store "
-                    f"{encoder_fingerprint({modality: theirs})}); use the encoder the store was extracted with"
-                )
-            self._encoders[modality] = enc
+            self._encoders[modality] = checked_encoder(self.cfg, self.manifest, modality, self.device)
         return self._encoders[modality]
 
     def features(self, modality: str, items: Sequence) -> dict[str, torch.Tensor]:
         """Store-layout features (`tokens` [N, T, D] float16, `mask`, `pooled`) of raw items:
         file paths (images, audio) or strings (text); decoded images and (waveform, rate) pairs too."""
-        encoders = {modality: self.encoder(modality)}  # a refused encoder before any file is read
-        samples = [self._sample(modality, item, i) for i, item in enumerate(items)]
-        for s in samples:
-            problem = raw_problem(s, encoders)
-            if problem is not None:
-                raise UserError(f"{s['key']}: {problem[1]}")
-        stored = encode_batch(prepare_batch(samples, encoders, Path("<input>"), 0), encoders, "float16", "float16", None)
-        if bool(stored.bad.any()):
-            bad = [samples[i]["key"] for i in torch.nonzero(stored.bad).flatten().tolist()]
-            raise UserError(f"{bad[0]}: the {modality} encoder's output is not finite")
-        return _padded(stored.tokens[modality], stored.lengths[modality], stored.pooled[modality])
+        encoder = self.encoder(modality)  # a refused encoder before any file is read
+        return features_of(encoder, modality, [self._sample(modality, item, i) for i, item in enumerate(items)])
 
     @torch.no_grad()
     def embed(self, modality: str, items: Sequence, dim: int | None = None) -> torch.Tensor:
@@ -130,7 +112,7 @@ class Predictor:
         """`classify` with class indices instead of names."""
         if not class_names:
             raise UserError("zero-shot classification needs at least one class name")
-        _check_templates(templates)  # before any encoder runs
+        check_templates(templates)  # before any encoder runs
         queries = self.embed(modality, items, dim)
         classes = class_embeddings(lambda texts: self.embed(TEXT, texts, dim), class_names, templates)
         probs = (self.align.logit_scale().float().cpu() * queries @ classes.T).softmax(dim=-1)
@@ -188,19 +170,16 @@ class Predictor:
 
     def _sample(self, modality: str, item, index: int) -> dict:
         """A decoded raw sample holding `item` in `modality`'s raw field, as extraction sees one."""
-        sample = {"key": f"input {index}", "image": None, "audio": None, "sample_rate": None, "caption": "x", "json": {}}
+        key = f"input {index}"
         if modality == TEXT:
             if not isinstance(item, str):
                 raise UserError(f"text input {index}: expected a string, got {type(item).__name__}")
-            sample["caption"] = item
-            return sample
+            return raw_sample(key, caption=item)
         if isinstance(item, (str, Path)):
-            return {**sample, **decode_file(Path(item), modality)}
+            return raw_sample(**decode_file(Path(item), modality))
         if modality == "audio":
-            sample["audio"], sample["sample_rate"] = item
-        else:
-            sample[raw_field(modality)] = item
-        return sample
+            return raw_sample(key, audio=item[0], sample_rate=item[1])
+        return raw_sample(key, **{raw_field(modality): item})
 
 
 class SplitIndex:
@@ -240,26 +219,3 @@ def decode_file(path: Path, modality: str) -> dict:
                             url=str(path))
     decoded["key"] = str(path)
     return {k: v for k, v in decoded.items() if k in ("key", "image", "audio", "sample_rate")}
-
-
-def class_embeddings(embed_texts, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """[C, D] unit vectors: per class, the normalised mean of its templates' text embeddings."""
-    _check_templates(templates)
-    prompts = [t.format(name) for name in class_names for t in templates]
-    emb = embed_texts(prompts).reshape(len(class_names), len(templates), -1).mean(dim=1)
-    return torch.nn.functional.normalize(emb, dim=-1)
-
-
-def _check_templates(templates: Sequence[str]) -> None:
-    if not templates or any("{}" not in t for t in templates):
-        raise UserError(f"zero-shot templates must each hold '{{}}' where the class name goes, got {list(templates)}")
-
-
-def _padded(rows: torch.Tensor, lengths, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Flat stored token rows -> the loader's padded layout (zeros past each length)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long)
-    t = int(lengths.max()) if len(lengths) else 0
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    tokens = torch.zeros((len(lengths), t, rows.shape[1]), dtype=rows.dtype)
-    tokens[mask] = rows
-    return {"tokens": tokens, "mask": mask, "pooled": pooled}

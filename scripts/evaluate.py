@@ -3,7 +3,8 @@
 
     python scripts/evaluate.py --run runs/quickstart --split test
 
-An align run gets retrieval R@K, MRR and ranks per pair, direction and MRL dim (a table, and
+On `--device` (default: the GPU when there is one), with a progress bar. An align run gets
+retrieval R@K, MRR and ranks per pair, direction and MRL dim (a table, and
 <run>/eval/<split>-<checkpoint>.{json,csv,png}); an instruct run gets LM loss, exact match and
 token F1 per example kind and QA attribute, from greedy generation (a table, and
 <run>/eval/<split>-<checkpoint>.json plus the generations in ...-samples.jsonl).
@@ -25,14 +26,19 @@ def main(argv=None) -> int:
     parser.add_argument("--features_dir", default=None,
                         help="evaluate on another store of the same encoders, e.g. its int8 conversion "
                              "(default: the run's data.features_dir)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--num_samples_to_log", type=int, default=None,
                         help="instruct runs: generations to write (default: the config's eval.num_samples_to_log)")
     args = parser.parse_args(argv)
 
     from edge_glass.features.store import open_checked_split
+    from edge_glass.inference import device_from
     from edge_glass.training.task import load_run, stage_of
+    from edge_glass.utils.progress import tracked
 
+    device = device_from(args.device)
     cfg, model, checkpoint = load_run(args.run, args.checkpoint)
+    model = model.to(device)
     stage = stage_of(cfg)
     split_name = args.split or cfg.data.splits.test or cfg.data.splits.val
     # Another store of the same encoders may be evaluated, e.g. its int8 conversion: the model
@@ -40,7 +46,9 @@ def main(argv=None) -> int:
     split = open_checked_split(cfg, split_name, args.features_dir)
     print(f"store: {split.path} ({split.token_dtype} tokens)")
     n_log = cfg.eval.num_samples_to_log if args.num_samples_to_log is None else args.num_samples_to_log
-    metrics, logged = stage.evaluate(cfg, model, stage.eval_batches(cfg, model, split), num_samples_to_log=n_log)
+    batches = tracked(stage.eval_batches(cfg, model, split), f"evaluate {split_name} on {device}", len(split),
+                      count=lambda batch: len(batch["keys"]))
+    metrics, logged = stage.evaluate(cfg, model, batches, num_samples_to_log=n_log)
     summary = {"run": str(args.run), "split": split_name, "checkpoint": str(checkpoint), "num_samples": len(split),
                "stage": cfg.train.stage, **({"decoder": model.kind} if hasattr(model, "kind") else {})}
     for path in stage.report(cfg, metrics, logged, summary, Path(args.run) / "eval" / f"{split_name}-{checkpoint.name}"):

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Export a run's trained modules as one consolidated safetensors file (any ZeRO stage).
+"""Export a run's trained modules (align or instruct; any ZeRO stage) as plain files.
 
 Run with:
-    python scripts/export.py --run runs/quickstart            # -> runs/quickstart/export/
-The folder holds model.safetensors (fp32, trainable modules and their standardisation
-buffers) and the run's config.yaml, enough to rebuild the modules without DeepSpeed.
+    python scripts/export.py --run runs/quickstart                 # -> runs/quickstart/export/
+    python scripts/export.py --run runs/vision_text_qwen --merge   # also the LoRA merged into Qwen
+The folder holds model.safetensors (fp32: adapters with their standardisation buffers,
+connectors, a trained decoder), config.yaml, manifest.json and export.json, and for Qwen a PEFT
+adapter folder (decoder/) and optionally the merged model (decoder_merged/), both loadable with
+`from_pretrained`. `scripts/predict.py --run <export folder>` and `edge_glass.inference` load it.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 from edge_glass.utils.cli import run_main
 
@@ -21,22 +22,13 @@ def main(argv=None) -> int:
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/export)")
+    parser.add_argument("--merge", action="store_true", help="Qwen with LoRA: also save the merged model")
     args = parser.parse_args(argv)
 
-    from safetensors.torch import save_file
+    from edge_glass.export import export_run
 
-    from edge_glass.training.run_loading import load_alignment_model
-    from edge_glass.utils.io import atomic_path
-
-    run = Path(args.run)
-    _, model, checkpoint = load_alignment_model(run, args.checkpoint)
-    out = Path(args.out) if args.out else run / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"checkpoint": str(checkpoint), "format": "edge_glass.align"})
-    shutil.copy2(run / "config.yaml", out / "config.yaml")
-    print(f"exported {len(state)} tensors from {checkpoint} to {out / 'model.safetensors'}")
+    out = export_run(args.run, args.checkpoint, args.out, merge=args.merge)
+    print(f"exported {args.run} to {out}")
     return 0
 
 

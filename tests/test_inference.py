@@ -173,3 +173,16 @@ def test_predict_classifies_files_and_refuses_a_question_to_an_align_run(tw, tmp
     assert line["top"][0]["probability"] >= line["top"][1]["probability"]
     with pytest.raises(UserError, match="align run: it has no decoder"):
         _script("predict")(["--run", str(tw.reference_run), "--device", "cpu", "--image", str(image), "What colour?"])
+
+
+def test_training_s_zero_shot_classes_equal_the_predictor_s(predictor):
+    import dataclasses
+
+    from edge_glass.training.zero_shot import ZeroShotPrompts
+
+    names, templates = ["red", "blue"], ["a {} shape", "{}"]
+    cfg = dataclasses.replace(predictor.cfg, eval=dataclasses.replace(
+        predictor.cfg.eval, zero_shot_classes=names, zero_shot_templates=templates))
+    during_training = ZeroShotPrompts(cfg, predictor.manifest, torch.device("cpu")).class_embeddings(predictor.align)
+    by_hand = class_embeddings(lambda texts: predictor.embed("text", texts), names, templates)
+    assert torch.allclose(during_training, by_hand, atol=1e-5)

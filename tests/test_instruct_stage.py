@@ -43,6 +43,8 @@ from helpers.trainer_world import (
 
 pytestmark = pytest.mark.slow
 
+REPO_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
 NAME = "inst"
 
 
@@ -164,3 +166,43 @@ def test_evaluate_script_reports_exact_match_and_f1_of_an_instruct_run(instruct)
     assert {"exact_match", "token_f1", "lm_loss", "qa/shape/exact_match"} <= set(metrics)
     samples = report_path.with_name(f"{report_path.stem}-samples.jsonl").read_text().splitlines()
     assert len(samples) == 5
+
+
+def test_an_exported_instruct_run_answers_in_a_fresh_process_as_the_run_does(tw, instruct, tmp_path):
+    """scripts/export.py on the LoRA run, then scripts/predict.py on the export (a new process,
+    no store, no DeepSpeed checkpoint) gives the run's own answers to a raw image and clip."""
+    import subprocess
+    import sys
+
+    from edge_glass.data.raw_shards import iter_shard_raw
+    from edge_glass.inference import Predictor
+
+    _, place = instruct
+    run = place / "runs" / NAME
+    out = tmp_path / "export"
+    run_script(place, "export.py", "--run", str(run), "--out", str(out), "--merge").check()
+    assert (out / "decoder" / "adapter_config.json").is_file(), "the LoRA as a PEFT folder"
+    assert (out / "decoder_merged" / "config.json").is_file(), "the merged model, save_pretrained"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tw.world.models / "qwen2-tiny")
+    assert isinstance(PeftModel.from_pretrained(base, out / "decoder"), PeftModel)
+
+    predictor = Predictor(run, device="cpu")
+    shard = sorted((tw.world.raw / "val").glob("shard-*.tar"))[0]
+    answers = []
+    for i, raw in enumerate(list(iter_shard_raw(shard))[:2]):
+        image, audio = tmp_path / f"{i}.png", tmp_path / f"{i}.flac"
+        image.write_bytes(raw["png"])
+        audio.write_bytes(raw["flac"])
+        question = "What colour is the shape?"
+        ours = predictor.answer(question, image=image, audio=audio)
+        cmd = [sys.executable, str(REPO_SCRIPTS / "predict.py"), "--run", str(out), "--device", "cpu",
+               "--image", str(image), "--audio", str(audio), question]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.splitlines()[-1] == ours
+        answers.append(ours)
+    assert all(isinstance(a, str) for a in answers)

@@ -333,3 +333,53 @@ def test_labels_from_the_samples_json_give_group_metrics_equal_to_hand_ranks() -
     plain = alignment_metrics(model, loader_batches([4, 4, 3]), ks=[1, 5], label_field="label")
     assert not any("group_" in k for k in plain)
     assert plain == alignment_metrics(model, loader_batches([4, 4, 3]), ks=[1, 5])
+
+
+def test_zero_shot_accuracy_equals_the_hand_count() -> None:
+    from edge_glass.training.zero_shot import zero_shot_metrics
+
+    # 5 samples, 3 classes along the axes of a 3-d space; sample 4 has no known class.
+    emb = {"vision": torch.tensor([[1.0, 0.1, 0], [0.2, 1.0, 0], [0.9, 0, 1.0], [0.1, 0, 1.0], [1.0, 1.0, 1.0]])}
+    classes = torch.eye(3)
+    truth = torch.tensor([0, 1, 2, 0, -1])
+    m = zero_shot_metrics(emb, truth, classes, ["vision"], ks=(1, 2))
+    # top-1 predictions: 0, 1, 2 (1.0 > 0.9), 2 -> right, right, right, wrong = 3/4.
+    # top-2: sample 3 scores (0.1, 0, 1): its class 0 is second -> a hit, 4/4.
+    assert m["zero_shot/vision/top1"] == 0.75
+    assert m["zero_shot/vision/top2"] == 1.0
+    assert m["zero_shot/num_samples"] == 4.0
+    assert zero_shot_metrics(emb, torch.full((5,), -1), classes, ["vision"]) == {}
+
+
+def test_alignment_metrics_score_zero_shot_with_the_model_s_own_class_embeddings() -> None:
+    import json
+
+    model = small_model()
+    batches = loader_batches([4, 4, 3])
+    names = ["cat", "dog", "fox"]
+    labels = ["dog", "cat", "fox", "owl", "dog", "fox", "cat", "cat", None, "fox", "dog"]
+    i = 0
+    for batch in batches:
+        batch["meta"] = []
+        for _ in batch["keys"]:
+            batch["meta"].append(json.dumps({} if labels[i] is None else {"label": labels[i]}))
+            i += 1
+    g = torch.Generator().manual_seed(5)
+    class_emb = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
+
+    class Prompts:  # what ZeroShotPrompts offers, with fixed class embeddings
+        class_names = names
+
+        def class_embeddings(self, _model):
+            return class_emb
+
+    m = alignment_metrics(model, batches, ks=[1], label_field="label", zero_shot=Prompts())
+    from edge_glass.training.align_eval import embed_split
+
+    emb, _ = embed_split(model, batches)
+    known = [k for k, v in enumerate(labels) if v in names]
+    for modality in ("vision", "audio"):
+        pred = (torch.nn.functional.normalize(emb[modality], dim=-1) @ class_emb.T).argmax(dim=1)
+        want = sum(int(pred[k]) == names.index(labels[k]) for k in known) / len(known)
+        assert m[f"zero_shot/{modality}/top1"] == pytest.approx(want)
+    assert m["zero_shot/num_samples"] == len(known) and "zero_shot/text/top1" not in m

@@ -8,6 +8,7 @@ stage under the `deepspeed` launcher on 2 CPU ranks, and evaluates: every step a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,29 @@ def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path, local_model_set):
     assert len(vt) == 2, "both directions are reported"
     assert min(vt) > 5 * chance, f"vision-text R@1 {vt} is not well above chance {chance:.3f}"
     assert (tmp_path / "runs/quickstart/eval/test-step12.png").stat().st_size > 0
+
+    # The README's "Use a trained model" commands, word for word, on this run.
+    commands = _readme_block("## Use a trained model")
+    assert len(commands) >= 5
+    env = dict(os.environ, PATH=f"{tmp_path / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=env, start_new_session=True)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if "--classes" in command:
+            top = json.loads(proc.stdout.splitlines()[-1])["top"]
+            assert [t["class"] for t in top][:1] and abs(sum(t["probability"] for t in top) - 1.0) < 1e-3
+        if "search.py" in command:
+            assert len(proc.stdout.splitlines()) >= 5  # the table: title, header, 3 rows
+    assert (tmp_path / "runs/quickstart/export/model.safetensors").is_file()
+    assert (tmp_path / "emb.pt").is_file()
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```bash block after `heading` in the README."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    block = section[section.index("```bash") + len("```bash"):]
+    return [line for line in block[: block.index("```")].strip().splitlines() if line.strip()]

@@ -8,9 +8,10 @@ import torch
 
 from edge_glass.config import Config
 from edge_glass.features.loader import FeatureLoader
-from edge_glass.features.store import FeatureSplit
+from edge_glass.features.store import FeatureSplit, open_store
 from edge_glass.models.alignment import AlignmentModel, FeatureInfo
 from edge_glass.training.align_eval import alignment_metrics
+from edge_glass.training.zero_shot import ZeroShotPrompts
 from edge_glass.utils.errors import UserError
 
 
@@ -29,6 +30,8 @@ class AlignTask:
         self.init_checkpoint = None
         self.loader_options: dict = {}
         self.logged_parts = ("logit_scale",)
+        self._manifest = train_split.manifest
+        self._zero_shot: ZeroShotPrompts | None = None
 
     def describe(self) -> str:
         return f"contrastive pairs {', '.join(self.model.pairs)}"
@@ -40,13 +43,20 @@ class AlignTask:
     def evaluate(self, engine, split: FeatureSplit, rank: int, world_size: int, samples_path=None,
                  zero_stage: int = 0) -> dict[str, float]:
         """Retrieval metrics on `split` (`samples_path` and `zero_stage` concern generation only)."""
+        if self.cfg.eval.zero_shot_classes and self._zero_shot is None:
+            # The prompts' text features, once: the frozen text encoder runs only here.
+            self._zero_shot = ZeroShotPrompts(self.cfg, self._manifest, engine.device)
         batches = (to_device(b, engine.device) for b in eval_loader(self.cfg, split, rank, world_size))
-        metrics = evaluate_batches(self.cfg, engine.module, batches)[0]
+        metrics = alignment_metrics(engine.module, batches, self.cfg.eval.recall_ks, self.cfg.eval.chunk_size,
+                                    self.cfg.eval.label_field, self._zero_shot)
         full, name = self.cfg.model.shared_dim, self.cfg.eval.best_metric
-        chosen = [v for k, v in metrics.items() if f"@{full}/" in k and k.endswith(f"/{name}")]
+        if name == "zero_shot":
+            chosen = [v for k, v in metrics.items() if k.startswith("zero_shot/") and k.endswith("/top1")]
+        else:
+            chosen = [v for k, v in metrics.items() if f"@{full}/" in k and k.endswith(f"/{name}")]
         if not chosen:
             raise UserError(f"eval.best_metric: {name} needs samples whose JSON has eval.label_field "
-                            f"({self.cfg.eval.label_field!r}); {split.path} has none")
+                            f"({self.cfg.eval.label_field!r}) with values among the classes; {split.path} has none")
         out = {f"val/{k}": v for k, v in metrics.items()}
         out[self.best_metric] = sum(chosen) / len(chosen)
         return out
@@ -68,8 +78,13 @@ def eval_batches(cfg: Config, model: torch.nn.Module, split: FeatureSplit):
 
 
 def evaluate_batches(cfg: Config, model: torch.nn.Module, batches, *, num_samples_to_log: int = 0) -> tuple[dict, list]:
-    """Retrieval metrics of a loaded model over the batches (nothing is logged per example)."""
-    return alignment_metrics(model, batches, cfg.eval.recall_ks, cfg.eval.chunk_size, cfg.eval.label_field), []
+    """Retrieval (and, with eval.zero_shot_classes, zero-shot) metrics of a loaded model over the
+    batches; nothing is logged per example."""
+    zero_shot = None
+    if cfg.eval.zero_shot_classes:
+        manifest = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format).manifest
+        zero_shot = ZeroShotPrompts(cfg, manifest, next(model.parameters()).device)
+    return alignment_metrics(model, batches, cfg.eval.recall_ks, cfg.eval.chunk_size, cfg.eval.label_field, zero_shot), []
 
 
 def report(cfg: Config, metrics: dict, logged: list, summary: dict, stem: Path) -> list[Path]:

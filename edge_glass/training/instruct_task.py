@@ -44,7 +44,7 @@ def build_instruct_model(cfg: Config, manifest: dict, init_checkpoint: str | Non
     captions and an instruct run on QA may use two stores of the same encoders): the adapters'
     weights only make sense with the statistics they were trained with.
     """
-    stats_manifest = manifest if init_checkpoint is None else _align_manifest(Path(init_checkpoint))
+    stats_manifest = manifest if init_checkpoint is None else align_manifest(Path(init_checkpoint))
     features = {m: FeatureInfo.from_manifest(stats_manifest, m) for m in cfg.model.adapters.enabled()}
     model = InstructModel(cfg, features)
     if init_checkpoint is not None:
@@ -52,7 +52,7 @@ def build_instruct_model(cfg: Config, manifest: dict, init_checkpoint: str | Non
     return model
 
 
-def _align_manifest(checkpoint: Path) -> dict:
+def align_manifest(checkpoint: Path) -> dict:
     align_cfg = ckpt.read_meta(checkpoint)["config"]
     return load_manifest(align_cfg["data"]["features_dir"], align_cfg["data"]["splits"]["train"])
 
@@ -82,7 +82,7 @@ def _load_adapters(model: InstructModel, checkpoint: Path, encoder_fp: str) -> N
     meta = ckpt.read_meta(checkpoint)
     theirs = meta.get("encoder_fingerprint")
     if theirs is None:  # checkpoints written before stores had an encoder fingerprint
-        theirs = manifest_encoder_fingerprint(_align_manifest(checkpoint))
+        theirs = manifest_encoder_fingerprint(align_manifest(checkpoint))
     if theirs != encoder_fp:
         raise UserError(
             f"train.init_from: {checkpoint} was trained on features of other encoders (encoder fingerprint "

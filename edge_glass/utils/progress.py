@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -111,3 +111,12 @@ def progress_bar(description: str, total: float | None, unit: str = "samples", e
     ]
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         yield _Bar(progress, progress.add_task(description, total=total))
+
+
+def tracked(items: Iterable, description: str, total: float | None, count: Callable[[object], float] = lambda _: 1,
+            unit: str = "samples", enabled: bool = True) -> Iterator:
+    """`items`, advancing a progress bar by `count(item)` per item (e.g. a batch's samples)."""
+    with progress_bar(description, total, unit=unit, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.advance(count(item))
