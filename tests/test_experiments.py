@@ -187,3 +187,34 @@ def test_notebooks_execute_against_the_twins(twins: Path) -> None:
     # Fewer generated answers than a user's run: the notebooks' code paths are what is tested.
     seconds = execute_notebooks(twins, parameters={"MAX_QA_SAMPLES": 48, "MAX_HALT_EXAMPLES": 200})
     assert len(seconds) == 5, seconds
+
+
+@pytest.mark.slow
+def test_predict_answers_raw_pngs_at_the_qwen_twin_s_exact_match_level(twins: Path, tmp_path: Path) -> None:
+    """The instruct twin, asked through edge_glass.inference about raw PNGs of its val split
+    (not their stored features), answers the colour and shape questions as well as its own
+    evaluation on the store says it does."""
+    from edge_glass.data.raw_shards import iter_shard_raw
+    from edge_glass.decoders.generation import exact_match
+    from edge_glass.inference import Predictor
+
+    run = twins / "runs" / "vision_text_qwen_cpu"
+    last = _evals(twins, "vision_text_qwen_cpu")[-1]
+    predictor = Predictor(run, device="cpu")
+    hits, asked = 0.0, 0
+    shards = sorted((twins / "data" / "raw" / "synthetic_cpu" / "val").glob("shard-*.tar"))
+    samples = [raw for shard in shards for raw in iter_shard_raw(shard)][:40]
+    for i, raw in enumerate(samples):
+        image = tmp_path / f"{i}.png"
+        image.write_bytes(raw["png"])
+        for qa in json.loads(raw["json"])["qa"]:
+            if qa["attribute"] in ("colour", "shape"):
+                hits += exact_match(predictor.answer(qa["question"], image=image), qa["answer"])
+                asked += 1
+    assert asked >= 60
+    assert hits / asked >= _colour_shape(last) - 0.15, (hits / asked, _colour_shape(last))
+    # The same through the script, for one image.
+    qa = next(q for q in json.loads(samples[0]["json"])["qa"] if q["attribute"] == "colour")
+    out = _script(twins, "predict.py", "--run", "runs/vision_text_qwen_cpu", "--device", "cpu",
+                  "--image", str(tmp_path / "0.png"), qa["question"])
+    assert out.splitlines()[-1] == predictor.answer(qa["question"], image=tmp_path / "0.png")

@@ -304,23 +304,24 @@ def test_multi_positive_ranks_count_the_best_key_of_the_query_s_group():
     assert m["k->q/group_R@1"] == 1.0
 
 
-def test_labels_from_the_samples_json_give_group_metrics_equal_to_hand_ranks() -> None:
+def _with_labels(batches: list[dict], labels: list) -> None:
+    """Give the batches' samples raw JSON with `label` (None: no label field), in order."""
     import json
 
+    values = iter(labels)
+    for batch in batches:
+        batch["meta"] = [json.dumps({} if (v := next(values)) is None else {"label": v}) for _ in batch["keys"]]
+    assert next(values, "end") == "end"
+
+
+def test_labels_from_the_samples_json_give_group_metrics_equal_to_hand_ranks() -> None:
     from edge_glass.training.align_eval import embed_split
     from edge_glass.training.metrics import positive_ranks
 
     model = small_model()
     batches = loader_batches([4, 4, 3])
     labels = ["a", "b", None, "a", "b", "b", "c", None, "a", "c", "b"]  # two samples without a label
-    flat = [b for batch in batches for b in range(len(batch["keys"]))]
-    assert len(flat) == len(labels)
-    i = 0
-    for batch in batches:
-        batch["meta"] = []
-        for _ in batch["keys"]:
-            batch["meta"].append(json.dumps({} if labels[i] is None else {"label": labels[i]}))
-            i += 1
+    _with_labels(batches, labels)
     m = alignment_metrics(model, batches, ks=[1, 5], label_field="label")
     emb, _ = embed_split(model, batches)
     # Unlabelled samples are a group of their own: ids 100+i never equal another's.
@@ -352,18 +353,11 @@ def test_zero_shot_accuracy_equals_the_hand_count() -> None:
 
 
 def test_alignment_metrics_score_zero_shot_with_the_model_s_own_class_embeddings() -> None:
-    import json
-
     model = small_model()
     batches = loader_batches([4, 4, 3])
     names = ["cat", "dog", "fox"]
     labels = ["dog", "cat", "fox", "owl", "dog", "fox", "cat", "cat", None, "fox", "dog"]
-    i = 0
-    for batch in batches:
-        batch["meta"] = []
-        for _ in batch["keys"]:
-            batch["meta"].append(json.dumps({} if labels[i] is None else {"label": labels[i]}))
-            i += 1
+    _with_labels(batches, labels)
     g = torch.Generator().manual_seed(5)
     class_emb = torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1)
 

@@ -37,19 +37,24 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         )
 
 
-def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, group_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[N] rank (1 = best) of each query's own key among all keys, by cosine similarity."""
+def _scored_chunks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int):
+    """(start, stop, cosine scores [stop-start, N]) of the queries, `chunk_size` rows at a time.
+
+    A non-finite score (impossible from finite unit vectors, but never trusted) becomes -inf:
+    as a competitor it beats nothing, as a query's own or best positive it is beaten by all."""
     check_finite(queries, "query")
     check_finite(keys, "key")
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
-    n = q.shape[0]
-    out = torch.empty(n, dtype=torch.long)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        # A non-finite score (impossible from finite unit vectors, but never trusted) ranks last:
-        # as a competitor it beats nothing, as the query's own it is beaten by everything.
-        scores = torch.nan_to_num(q[start:stop] @ k.T, nan=-torch.inf)  # [c, N]
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        yield start, stop, torch.nan_to_num(q[start:stop] @ k.T, nan=-torch.inf)
+
+
+def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] rank (1 = best) of each query's own key among all keys, by cosine similarity."""
+    out = torch.empty(queries.shape[0], dtype=torch.long)
+    for start, stop, scores in _scored_chunks(queries, keys, chunk_size):
         rows = torch.arange(stop - start)
         own = scores[rows, torch.arange(start, stop)]
         beats = (scores >= own[:, None]) | ~torch.isfinite(own)[:, None]
@@ -63,15 +68,8 @@ def ranks(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024, gro
 def positive_ranks(queries: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """[N] rank (1 = best) of each query's best positive (a key of its group, itself included)
     among the keys outside its group; ties count against the query, as in `ranks`."""
-    check_finite(queries, "query")
-    check_finite(keys, "key")
-    q = F.normalize(queries.float(), dim=-1)
-    k = F.normalize(keys.float(), dim=-1)
-    n = q.shape[0]
-    out = torch.empty(n, dtype=torch.long)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        scores = torch.nan_to_num(q[start:stop] @ k.T, nan=-torch.inf)  # [c, N]
+    out = torch.empty(queries.shape[0], dtype=torch.long)
+    for start, stop, scores in _scored_chunks(queries, keys, chunk_size):
         positive = groups[start:stop, None] == groups[None, :]
         best = scores.masked_fill(~positive, -torch.inf).max(dim=1).values
         beats = ((scores >= best[:, None]) | ~torch.isfinite(best)[:, None]) & ~positive
