@@ -40,8 +40,15 @@ def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path, local_model_set):
     commands = _readme_block("## Use a trained model")
     assert len(commands) >= 5
     env = dict(os.environ, PATH=f"{tmp_path / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    # The README's commands run from the repository root: here the quickstart's workdir, with
+    # the repository's scripts beside its runs.
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")
+    # `.venv/bin/python` as the README writes it: this interpreter, with its environment (a
+    # symlink would lose the venv, which Python finds next to the link).
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    shim = tmp_path / ".venv" / "bin" / "python"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
     for command in commands:
         proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env=env, start_new_session=True)
