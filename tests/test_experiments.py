@@ -190,7 +190,7 @@ def test_notebooks_execute_against_the_twins(twins: Path) -> None:
 
 
 @pytest.mark.slow
-def test_predict_answers_raw_pngs_at_the_qwen_twin_s_exact_match_level(twins: Path, tmp_path: Path) -> None:
+def test_predict_answers_raw_pngs_at_the_qwen_twin_s_exact_match_level(twins: Path, tmp_path: Path, monkeypatch) -> None:
     """The instruct twin, asked through edge_glass.inference about raw PNGs of its val split
     (not their stored features), answers the colour and shape questions as well as its own
     evaluation on the store says it does."""
@@ -198,6 +198,7 @@ def test_predict_answers_raw_pngs_at_the_qwen_twin_s_exact_match_level(twins: Pa
     from edge_glass.decoders.generation import exact_match
     from edge_glass.inference import Predictor
 
+    monkeypatch.chdir(twins)  # the run's config names its store relative to where it was trained
     run = twins / "runs" / "vision_text_qwen_cpu"
     last = _evals(twins, "vision_text_qwen_cpu")[-1]
     predictor = Predictor(run, device="cpu")

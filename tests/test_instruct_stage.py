@@ -193,7 +193,7 @@ def test_an_exported_instruct_run_answers_in_a_fresh_process_as_the_run_does(tw,
     predictor = Predictor(run, device="cpu")
     shard = sorted((tw.world.raw / "val").glob("shard-*.tar"))[0]
     answers = []
-    for i, raw in enumerate(list(iter_shard_raw(shard))[:2]):
+    for i, raw in enumerate(list(iter_shard_raw(shard))[:1]):
         image, audio = tmp_path / f"{i}.png", tmp_path / f"{i}.flac"
         image.write_bytes(raw["png"])
         audio.write_bytes(raw["flac"])
