@@ -57,12 +57,12 @@ class _Lines:
 
     def __init__(self, description: str, total: float | None, unit: str, seconds: float) -> None:
         self.description, self.total, self.unit, self.seconds = description, total, unit, seconds
-        self.done = 0.0
+        self.done = self.last_done = 0.0
         self.start = self.last = time.monotonic()
 
     def advance(self, n: float = 1) -> None:
         self.done += n
-        if time.monotonic() - self.last >= self.seconds:
+        if n and time.monotonic() - self.last >= self.seconds:
             self.emit()
 
     def update(self, description: str | None = None, **fields) -> None:
@@ -71,9 +71,11 @@ class _Lines:
 
     def emit(self) -> None:
         now = time.monotonic()
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
+        # The rate since the previous line: the current speed (a resumed run's first advance
+        # jumps by the steps already done, which took no time here).
+        rate = (self.done - self.last_done) / max(now - self.last, 1e-9) if self.done > self.last_done else 0.0
+        self.last, self.last_done = now, self.done
+        elapsed = now - self.start
         count = f"{self.done:,.0f}" + (f"/{self.total:,.0f}" if self.total else "")
         eta = ""
         if self.total and rate > 0:
