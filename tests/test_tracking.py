@@ -136,3 +136,13 @@ def test_a_missing_tracking_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"^train\.monitor: wandb needs the package: pip install wandb$"):
         Tracker({"wandb": {"enabled": True}}, tmp_path, resume_step=0, resumed=False)
+
+
+def test_a_deepspeed_json_s_own_monitor_sections_move_to_the_trainer(tmp_path):
+    from edge_glass.training.tracking import monitor_sections
+
+    ds = {"tensorboard": {"enabled": True, "output_path": "/elsewhere", "job_name": "mine"}, "zero_optimization": {}}
+    sections = monitor_sections(["csv"], ds, tmp_path, "proj")
+    assert ds == {"zero_optimization": {}}, "the engine logs nothing itself (it would count samples, not steps)"
+    assert sections == {"tensorboard": {"enabled": True, "output_path": "/elsewhere", "job_name": "mine"},
+                        "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "csv"}}
