@@ -186,3 +186,21 @@ def test_training_s_zero_shot_classes_equal_the_predictor_s(predictor):
     during_training = ZeroShotPrompts(cfg, predictor.manifest, torch.device("cpu")).class_embeddings(predictor.align)
     by_hand = class_embeddings(lambda texts: predictor.embed("text", texts), names, templates)
     assert torch.allclose(during_training, by_hand, atol=1e-5)
+
+
+def test_an_encoder_is_the_store_s_whatever_precision_it_ran_in_and_v1_stores_meant_no_pooling(tw, tmp_path):
+    # A store extracted in bf16 on a GPU, by a version-1 extractor that did not record `pool`:
+    # the same CLIP, so its features are read, not refused.
+    p = Predictor(tw.reference_run, device="cpu")
+    vision = {k: v for k, v in p.manifest["encoders"]["vision"].items() if k != "pool"}
+    vision["compute_dtype"] = "bfloat16"
+    p.manifest = {**p.manifest, "encoders": {**p.manifest["encoders"], "vision": vision}}
+    raw = _raw_sample(tw)
+    image = tmp_path / "sample.png"
+    image.write_bytes(raw["png"])
+    assert p.embed("vision", [image]).shape[0] == 1
+    # A pooled store is another encoder.
+    p = Predictor(tw.reference_run, device="cpu")
+    p.manifest = {**p.manifest, "encoders": {**p.manifest["encoders"], "vision": {**vision, "pool": 2}}}
+    with pytest.raises(UserError, match=r"^encoders\.vision: .* now computes other features"):
+        p.embed("vision", [image])

@@ -34,13 +34,27 @@ def checked_encoder(cfg: Config, manifest: dict, modality: str, device: torch.de
     enc = resolve(spec(modality).encoder)(sub, device, resolve_dtype(sub.dtype, device))
     theirs = manifest["encoders"].get(modality)
     ours = json.loads(json.dumps(enc.describe()))  # as the manifest holds it (lists, not tuples)
-    if theirs != ours:
+    if theirs is None:
+        raise UserError(f"encoders.{modality}: the store holds no {modality} features")
+    if _identity(theirs) != _identity(ours):
         raise UserError(
             f"encoders.{modality}: {sub.model} now computes other features than the store was made with "
             f"(encoder fingerprint {encoder_fingerprint({modality: ours})}, store "
             f"{encoder_fingerprint({modality: theirs})}); use the encoder the store was extracted with"
         )
     return enc
+
+
+_IGNORED = ("compute_dtype",)
+"""Description keys that say how, not what, an encoder computes: a store extracted in bf16 on a
+GPU is read by a model that runs its encoder in fp32 on a CPU (features equal within rounding)."""
+_V1_DEFAULTS = {"pool": 1}
+"""Keys a version-1 manifest did not record, and what they were then (no spatial pooling)."""
+
+
+def _identity(description: dict) -> dict:
+    """What must match between the store's encoder and the one rebuilt now."""
+    return {**_V1_DEFAULTS, **{k: v for k, v in description.items() if k not in _IGNORED}}
 
 
 def raw_sample(key: str, **fields) -> dict:
