@@ -16,11 +16,13 @@ loader's batch layout — so a file's features equal the store's for the same sa
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from edge_glass.decoders.base import Sampling
 from edge_glass.encoders.base import FrozenEncoder
 from edge_glass.features.raw_features import checked_encoder, features_of, raw_sample
 from edge_glass.features.store import open_store
@@ -145,8 +147,10 @@ class Predictor:
     # -- answering -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def answer(self, question: str, *, image=None, audio=None, max_new_tokens: int | None = None) -> str:
-        """The instruct run's greedy answer to `question` about an image and/or a clip."""
+    def answer(self, question: str, *, image=None, audio=None, max_new_tokens: int | None = None,
+               sampling: Sampling | None = None, stream: Callable[[str], None] | None = None) -> str:
+        """The instruct run's answer to `question` about an image and/or a clip: greedy, or drawn
+        with `sampling`; `stream` receives its text piece by piece as it is generated."""
         if not hasattr(self.model, "decoder"):
             raise UserError(f"{self.cfg.experiment.name} is an {self.cfg.train.stage} run: it has no decoder to "
                             "answer with (train the instruct stage, or embed/classify with this run)")
@@ -163,7 +167,16 @@ class Predictor:
         batch.update(decoder.generation_inputs(examples, n))
         batch = to_device(batch, self.device)
         prefix = self.model.prefix(batch)
-        answers, _ = decoder.answer(prefix, batch, max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens)
+        max_new_tokens = max_new_tokens or self.cfg.eval.max_new_tokens
+        if {"sampling", "stream"} <= set(inspect.signature(decoder.answer).parameters):
+            answers, _ = decoder.answer(prefix, batch, max_new_tokens=max_new_tokens, sampling=sampling, stream=stream)
+            return answers[0]
+        # A plug-in decoder written to the older contract (decoders/base.py): greedy, streamed whole.
+        if sampling is not None:
+            raise UserError(f"the {decoder.kind} decoder does not sample; ask without a temperature")
+        answers, _ = decoder.answer(prefix, batch, max_new_tokens=max_new_tokens)
+        if stream is not None:
+            stream(answers[0])
         return answers[0]
 
     # -----------------------------------------------------------------------------------------------

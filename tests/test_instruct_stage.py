@@ -168,7 +168,7 @@ def test_evaluate_script_reports_exact_match_and_f1_of_an_instruct_run(instruct)
     assert len(samples) == 5
 
 
-def test_an_exported_instruct_run_answers_in_a_fresh_process_as_the_run_does(tw, instruct, tmp_path):
+def test_an_exported_instruct_run_answers_in_a_fresh_process_as_the_run_does(tw, instruct, tmp_path, capsys):
     """scripts/export.py on the LoRA run, then scripts/predict.py on the export (a new process,
     no store, no DeepSpeed checkpoint) gives the run's own answers to a raw image and clip."""
     import subprocess
@@ -206,3 +206,17 @@ def test_an_exported_instruct_run_answers_in_a_fresh_process_as_the_run_does(tw,
         assert proc.stdout.splitlines()[-1] == ours
         answers.append(ours)
     assert all(isinstance(a, str) for a in answers)
+    # Streamed to the terminal, the same answer; sampled with a seed, the same draw twice.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict", REPO_SCRIPTS / "predict.py")
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    base = ["--run", str(out), "--device", "cpu", "--image", str(image), "--audio", str(audio)]
+    outputs = []
+    for extra in (["--stream"], ["--temperature", "2.0", "--seed", "7"], ["--temperature", "2.0", "--seed", "7", "--stream"]):
+        capsys.readouterr()
+        assert predict.main(base + extra + [question]) == 0
+        outputs.append(capsys.readouterr().out.splitlines()[-1])
+    assert outputs[0] == ours
+    assert outputs[1] == outputs[2]

@@ -246,6 +246,32 @@ def test_generation_depends_on_the_prefix_and_restores_train_mode(trained):
     assert s1 == s2 and all(isinstance(s, str) for s in s1)
 
 
+def test_answer_streams_pieces_that_make_the_answer_and_samples_reproducibly_by_seed(trained):
+    from edge_glass.decoders.base import Sampling
+
+    dec, prefix, prompts = trained
+    greedy = generate(dec, prefix, prompts, max_new_tokens=12)
+    for i in range(3):
+        pieces: list[str] = []
+        answers, _ = dec.answer(prefix[i : i + 1], {"prompts": prompts[i : i + 1]}, max_new_tokens=12, stream=pieces.append)
+        assert answers == greedy[i : i + 1]
+        assert "".join(pieces).strip() == greedy[i]
+        # Words arrive as they are generated, not the answer in one piece at the end.
+        assert len(pieces) == len(greedy[i].split())
+    one = {"prompts": prompts[1:2]}
+    draws = [dec.answer(prefix[1:2], one, max_new_tokens=8, sampling=Sampling(3.0, seed=s))[0][0] for s in range(6)]
+    assert dec.answer(prefix[1:2], one, max_new_tokens=8, sampling=Sampling(3.0, seed=0))[0][0] == draws[0]
+    assert len(set(draws)) > 1, "a hot temperature draws different answers from different seeds"
+    # A cold temperature is greedy again; sampling leaves the caller's random stream alone.
+    state = torch.random.get_rng_state()
+    assert dec.answer(prefix[1:2], one, max_new_tokens=12, sampling=Sampling(1e-4, seed=3))[0] == greedy[1:2]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(UserError, match="temperature"):
+        Sampling(0.0)
+    with pytest.raises(UserError, match="top_p"):
+        Sampling(1.0, top_p=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------

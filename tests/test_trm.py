@@ -132,6 +132,21 @@ def test_shapes(tokenizer_dir, tokenizer):
     assert logits.shape == (3, 5, len(tokenizer))
 
 
+def test_interactive_answers_refuse_sampling_and_stream_whole(tokenizer_dir, tokenizer):
+    from edge_glass.decoders.base import Sampling
+    from edge_glass.utils.errors import UserError
+
+    torch.manual_seed(0)
+    model = TRM(make_cfg(tokenizer_dir), tokenizer).eval()
+    batch = make_batch(tokenizer, b=1, p=2)
+    inputs = {"question_ids": batch.question_ids, "question_mask": batch.question_mask}
+    with pytest.raises(UserError, match="trm decoder .* greedily"):
+        model.answer(batch.prefix, inputs, max_new_tokens=5, sampling=Sampling(0.7))
+    pieces: list[str] = []
+    answers, _ = model.answer(batch.prefix, inputs, max_new_tokens=5, stream=pieces.append)
+    assert pieces == answers  # one piece: the TRM has no token-by-token order to show
+
+
 @pytest.mark.parametrize("h_cycles,l_cycles", [(1, 1), (3, 4), (2, 6)])
 def test_f_applications_per_step(tokenizer_dir, tokenizer, h_cycles, l_cycles):
     model = TRM(make_cfg(tokenizer_dir, h_cycles=h_cycles, l_cycles=l_cycles), tokenizer)

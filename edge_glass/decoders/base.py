@@ -12,6 +12,7 @@ generation. The training code never asks which decoder it holds.
     loss, parts = decoder.batch_loss(prefix, batch)                     # training step
     loss_sum, count = decoder.eval_loss(prefix, batch)                 # evaluation
     answers, per_example = decoder.answer(prefix, batch, max_new_tokens=..., synced_gpus=...)
+    answers, _ = decoder.answer(prefix, batch, max_new_tokens=..., sampling=Sampling(0.7), stream=print)
 
 A new decoder implements this protocol (as an `nn.Module`, so DeepSpeed trains and checkpoints
 its parameters) and registers a builder in `decoders/registry.py`; see docs/extending.md.
@@ -19,12 +20,46 @@ its parameters) and registers a builder in `decoders/registry.py`; see docs/exte
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from edge_glass.utils.errors import UserError
+
 IGNORE_INDEX = -100
 """Label of a position that carries no loss (prompt, prefix slots, padding)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding instead of greedy: what `scripts/predict.py --temperature` asks for."""
+
+    temperature: float
+    """Softmax temperature (> 0); lower is closer to greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of the draw (the same seed, prompt and weights give the same answer); None: unseeded."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise UserError(f"temperature {self.temperature}: must be > 0 (0 means greedy: pass no Sampling)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p {self.top_p}: must be in (0, 1]")
+
+
+@contextmanager
+def seeded(sampling: Sampling | None, device: torch.device):
+    """Torch's global generator seeded for one sampled answer and restored after: Hugging Face
+    `generate` draws from the global generator and takes none of its own."""
+    if sampling is None or sampling.seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sampling.seed)
+        yield
 
 
 @runtime_checkable
@@ -58,7 +93,15 @@ class Decoder(Protocol):
         ...
 
     def answer(
-        self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+        self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False,
+        sampling: Sampling | None = None, stream: Callable[[str], None] | None = None,
     ) -> tuple[list[str], dict[str, list[float]]]:
-        """(one answer string per example, per-example extra metrics such as `trm/halt_step`)."""
+        """(one answer string per example, per-example extra metrics such as `trm/halt_step`).
+
+        Evaluation asks for greedy answers of a batch. Interactive use (edge_glass/inference.py)
+        asks one example and may pass `sampling` and `stream`, a callback that receives the
+        answer's text piece by piece as it is generated. Both are optional for a decoder: one
+        that cannot sample raises `UserError` when asked; one that does not generate token by
+        token calls `stream` once with the whole answer. (A plug-in whose `answer` lacks the two
+        keywords still works: the predictor refuses sampling and streams the finished answer.)"""
         ...

@@ -19,11 +19,14 @@ one code path for training and decoding. It stops once every row has emitted EOS
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_glass.config import TRMConfig
+from edge_glass.decoders.base import Sampling
 from edge_glass.decoders.trm import (
     IGNORE_INDEX,
     PlainPromptIO,
@@ -32,7 +35,9 @@ from edge_glass.decoders.trm import (
     compact_positions,
     cut_at_eos,
     decode_answers,
+    refuse_sampling,
     rope_cos_sin,
+    stream_whole,
 )
 
 
@@ -129,8 +134,10 @@ class CausalBaseline(PlainPromptIO, nn.Module):
         return loss, {}
 
     def answer(
-        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False,
+        sampling: Sampling | None = None, stream: Callable[[str], None] | None = None,
     ) -> tuple[list[str], dict[str, list[float]]]:
         """Greedy answers of at most max_answer_len tokens (the length it is trained for)."""
+        refuse_sampling(self.kind, sampling, "is the TRM's greedy ablation baseline")
         answer_ids = self.predict(prefix, batch["question_ids"], batch["question_mask"])
-        return [p.strip() for p in self.decode(answer_ids)], {}
+        return stream_whole([p.strip() for p in self.decode(answer_ids)], stream), {}

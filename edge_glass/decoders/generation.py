@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,12 +31,14 @@ def generate_ids(
     temperature: float = 1.0,
     top_p: float = 1.0,
     synced_gpus: bool | None = None,
+    stream: Callable[[str], None] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt, up to and including the first end-of-turn id (if one came).
 
     `decoder` is a `QwenDecoder`; `prompts` are `tokenize_prompt` outputs (one per row of
     `prefix_embeds` [B, N, H]). The decoder is put in eval mode for the call (dropout off) and
     restored after. `synced_gpus` must be True under ZeRO-3 (the weights are sharded).
+    `stream` (one prompt only) receives the answer's text as it is generated.
     """
     from transformers import GenerationConfig
 
@@ -70,6 +72,7 @@ def generate_ids(
             attention_mask=batch["attention_mask"].to(device),
             generation_config=config,
             synced_gpus=synced_gpus,
+            streamer=None if stream is None else _CallbackStreamer(decoder.tokenizer, stream, len(prompts)),
         )
     finally:
         decoder.train(was_training)
@@ -91,13 +94,40 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     synced_gpus: bool | None = None,
+    stream: Callable[[str], None] | None = None,
 ) -> list[str]:
     """The decoded answers (new tokens only, special tokens stripped); see `generate_ids`."""
     ids = generate_ids(
         decoder, prefix_embeds, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, synced_gpus=synced_gpus,
+        temperature=temperature, top_p=top_p, synced_gpus=synced_gpus, stream=stream,
     )
     return [decoder.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def _CallbackStreamer(tokenizer, callback: Callable[[str], None], rows: int):
+    """HF's `TextStreamer`, handing each finished piece of text to `callback` instead of print.
+
+    It decodes the growing token list and releases text only up to the last space or newline,
+    so a word split over several tokens (or a multi-byte character) never arrives half done. With
+    `inputs_embeds` and no ids, generate's first `put` is the empty prompt: `skip_prompt` drops it.
+    The answer's leading whitespace is dropped, as `generate` strips it from the finished answer.
+    """
+    from transformers import TextStreamer
+
+    if rows != 1:
+        raise ValueError(f"streaming answers one prompt at a time, got {rows}")
+
+    class CallbackStreamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            if text:
+                callback(text)
+
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
 from edge_glass.config import QwenConfig
-from edge_glass.decoders.base import IGNORE_INDEX
+from edge_glass.decoders.base import IGNORE_INDEX, Sampling, seeded
 from edge_glass.decoders.qwen_chat import collate_examples, end_of_turn_id, placeholder_id, tokenize_example, tokenize_prompt
 from edge_glass.utils.errors import UserError
 
@@ -218,8 +219,14 @@ class QwenDecoder(nn.Module):
         tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return float(loss) * tokens, tokens
 
-    def answer(self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False):
-        """Greedy answers up to the end-of-turn token; `synced_gpus` under ZeRO-3 (sharded weights)."""
+    def answer(self, prefix: torch.Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False,
+               sampling: Sampling | None = None, stream: Callable[[str], None] | None = None):
+        """Answers up to the end-of-turn token, greedy unless `sampling`; `synced_gpus` under
+        ZeRO-3 (sharded weights); `stream` receives one example's text as it is generated."""
         from edge_glass.decoders.generation import generate
 
-        return generate(self, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus), {}
+        sampled = {} if sampling is None else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        with seeded(sampling, prefix.device):
+            answers = generate(self, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus,
+                               stream=stream, **sampled)
+        return answers, {}

@@ -66,7 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_glass.config import TRMConfig
-from edge_glass.decoders.base import IGNORE_INDEX
+from edge_glass.decoders.base import IGNORE_INDEX, Sampling
+from edge_glass.utils.errors import UserError
 
 HALT_LOSS_WEIGHT = 0.5
 """Weight of the halting BCE in a supervision step's loss (the reference's 0.5)."""
@@ -269,6 +270,20 @@ def answers_exact(answer_ids: Tensor, labels: Tensor) -> Tensor:
     """[B] bool: the prediction equals the label at every labelled position (answer + EOS)."""
     valid = labels != IGNORE_INDEX
     return ((answer_ids == labels) | ~valid).all(-1)
+
+
+def refuse_sampling(kind: str, sampling: Sampling | None, why: str) -> None:
+    """One line for a sampled answer asked of a decoder trained and evaluated greedily only."""
+    if sampling is not None:
+        raise UserError(f"the {kind} decoder {why} and answers greedily; ask without a temperature")
+
+
+def stream_whole(answers: list[str], stream: Callable[[str], None] | None) -> list[str]:
+    """The finished answer to `stream` in one piece (no token-by-token generation to show)."""
+    if stream is not None:
+        for a in answers:
+            stream(a)
+    return answers
 
 
 class PlainPromptIO:
@@ -594,12 +609,15 @@ class TRM(PlainPromptIO, nn.Module):
         return loss, {f"trm/{k}": torch.tensor(v) for k, v in stats.items() if k in ("exact", "first_exact")}
 
     def answer(
-        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False
+        self, prefix: Tensor, batch: dict, *, max_new_tokens: int, synced_gpus: bool = False,
+        sampling: Sampling | None = None, stream: Callable[[str], None] | None = None,
     ) -> tuple[list[str], dict[str, list[float]]]:
         """Answers (at most max_answer_len tokens: the TRM predicts them all at once, so
         `max_new_tokens` does not apply) and the supervision step each example halted at."""
+        refuse_sampling(self.kind, sampling, "refines its whole answer at once")
         answer_ids, halts = self.predict(prefix, batch["question_ids"], batch["question_mask"])
-        return [p.strip() for p in self.decode(answer_ids)], {"trm/halt_step": [float(h) for h in halts.tolist()]}
+        answers = [p.strip() for p in self.decode(answer_ids)]
+        return stream_whole(answers, stream), {"trm/halt_step": [float(h) for h in halts.tolist()]}
 
 
 def deep_supervision_loss(
