@@ -25,6 +25,7 @@ import torch
 from edge_glass.decoders.base import Sampling
 from edge_glass.encoders.base import FrozenEncoder
 from edge_glass.features.raw_features import checked_encoder, features_of, raw_sample
+from edge_glass.features.sample_checks import raw_problem
 from edge_glass.features.store import open_store
 from edge_glass.modalities import TEXT, raw_field
 from edge_glass.training.align_task import to_device
@@ -92,8 +93,10 @@ class Predictor:
     @torch.no_grad()
     def embed(self, modality: str, items: Sequence, dim: int | None = None) -> torch.Tensor:
         """Unit-length shared-space embeddings [N, dim] (dim: any MRL size; default the full one)."""
-        feats = to_device({modality: self.features(modality, items)}, self.device)
-        out = self.align.adapters[modality](feats[modality]).float()
+        return self._embed_features(modality, self.features(modality, items), dim)
+
+    def _embed_features(self, modality: str, features: dict, dim: int | None) -> torch.Tensor:
+        out = self.align.adapters[modality](to_device(features, self.device)).float()
         return torch.nn.functional.normalize(out[:, : dim or out.shape[1]], dim=-1).cpu()
 
     # -- zero-shot classification --------------------------------------------------------------------
@@ -143,6 +146,48 @@ class Predictor:
                 captions += batch["captions"]
                 bar.advance(len(batch["keys"]))
         return SplitIndex(keys, captions, torch.cat(parts))
+
+    @torch.no_grad()
+    def index_files(self, folder: str | Path, modality: str, dim: int | None = None) -> "SplitIndex":
+        """Unit embeddings of every `modality` file under `folder` (recursively, in path order):
+        images (png, jpg, jpeg), audio (flac, wav) or texts (txt, one text a file). An image's or
+        clip's caption is the text file beside it with the same stem (img2dataset's layout), if
+        any. A file that cannot be read or decoded is skipped, counted and named in
+        `SplitIndex.skipped`: one broken photo does not lose a folder's index."""
+        from edge_glass.utils.progress import progress_bar
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+        kinds = _RAW_KINDS.get(modality, ("txt",) if modality == TEXT else ())
+        encoder = self.encoder(modality)  # a run without the adapter, or a changed encoder: refused before any file
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in kinds and p.is_file())
+        if not paths:
+            raise UserError(f"{folder}: no {modality} files ({', '.join(kinds)}) in it or below it")
+        keys, captions, parts, skipped = [], [], [], []
+        step = self.cfg.data.eval_batch_size
+        with progress_bar(f"index {folder.name} ({modality})", len(paths)) as bar:
+            for start in range(0, len(paths), step):
+                samples = []
+                for path in paths[start : start + step]:
+                    try:  # read and decoded one by one, so a corrupt file is known by name
+                        item = _read_text(path) if modality == TEXT else path
+                        sample = self._sample(modality, item, len(keys))
+                        problem = raw_problem(sample, {modality: encoder})
+                        if problem is not None:  # what extraction would refuse (an empty clip...)
+                            raise UserError(f"{path}: {problem[1]}")
+                        samples.append(sample)
+                    except UserError as e:
+                        skipped.append(str(e))
+                        continue
+                    keys.append(str(path.relative_to(folder)))
+                    captions.append(item if modality == TEXT else _caption_beside(path))
+                if samples:
+                    parts.append(self._embed_features(modality, features_of(encoder, modality, samples), dim))
+                bar.advance(len(paths[start : start + step]))
+        if not keys:
+            raise UserError(f"{folder}: none of its {len(paths)} {modality} files could be read; first: {skipped[0]}")
+        return SplitIndex(keys, captions, torch.cat(parts), skipped)
 
     # -- answering -------------------------------------------------------------------------------
 
@@ -199,8 +244,11 @@ class SplitIndex:
     """Exact cosine search over unit embeddings (a matrix product per query batch; an ANN
     library only pays at sizes where this stops fitting in a second)."""
 
-    def __init__(self, keys: list[str], captions: list[str], embeddings: torch.Tensor) -> None:
+    def __init__(self, keys: list[str], captions: list[str], embeddings: torch.Tensor,
+                 skipped: Sequence[str] = ()) -> None:
         self.keys, self.captions, self.embeddings = keys, captions, embeddings
+        self.skipped = list(skipped)
+        """Why each input left out of the index was (a folder's unreadable files)."""
 
     def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """Per query: the top-k samples as {key, caption, score}, best first."""
@@ -209,6 +257,21 @@ class SplitIndex:
         top = (queries @ self.embeddings.T).topk(min(k, len(self.keys)), dim=1)
         return [[{"key": self.keys[i], "caption": self.captions[i], "score": float(v)} for v, i in zip(vals, idx.tolist())]
                 for vals, idx in zip(top.values, top.indices)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _caption_beside(path: Path) -> str:
+    beside = path.with_suffix(".txt")
+    try:
+        return beside.read_text(encoding="utf-8").strip() if beside.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return ""  # a caption is only shown beside a result; an unreadable one is not worth a skip
 
 
 def decode_file(path: Path, modality: str) -> dict:

@@ -159,6 +159,33 @@ def test_search_finds_a_caption_s_own_sample_first(tw, capsys):
     assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
 
 
+def test_search_over_a_folder_finds_a_file_first_and_counts_the_unreadable(tw, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(5):
+        raw = _raw_sample(tw, index=i)
+        place = folder / ("sub" if i % 2 else "") / f"{i:05d}.png"
+        place.write_bytes(raw["png"])
+        place.with_suffix(".txt").write_bytes(raw["txt"])  # img2dataset's caption beside its image
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.md").write_text("not an image")
+    query = folder / "sub" / "00003.png"
+    argv = ["--run", str(tw.reference_run), "--device", "cpu", "--folder", str(folder), "--target", "vision",
+            "--image", str(query), "--top_k", "5", "--json"]
+    assert _script("search")(argv) == 0
+    out, err = capsys.readouterr()
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 5, "the five readable images, not the broken one or the notes"
+    assert results[0]["key"] == "sub/00003.png" and results[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert results[0]["caption"] == _raw_sample(tw, index=3)["txt"].decode()
+    assert "skipped 1 unreadable file(s)" in err and "broken.png" in err
+    with pytest.raises(UserError, match="no audio files"):
+        _script("search")(["--run", str(tw.reference_run), "--device", "cpu", "--folder", str(folder),
+                           "--target", "audio", "--text", "a clip"])
+
+
 def test_predict_classifies_files_and_refuses_a_question_to_an_align_run(tw, tmp_path, capsys):
     import json
 
