@@ -17,6 +17,7 @@ loader's batch layout — so a file's features equal the store's for the same sa
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -241,22 +242,60 @@ class Predictor:
 
 
 class SplitIndex:
-    """Exact cosine search over unit embeddings (a matrix product per query batch; an ANN
-    library only pays at sizes where this stops fitting in a second)."""
+    """Cosine search over unit embeddings: exact (a matrix product per query batch) unless
+    `build_ann` switched it to an approximate faiss index.
+
+    Exact is the default because it is what a search costs end to end: on the project's 2-core CPU
+    box (benchmarks/search.py, BENCHMARKS.md) a query over 100k rows x 256 dims takes 16 ms
+    exactly, while an ANN index first takes 4-7 s to build — a one-shot `scripts/search.py` call
+    is always faster exact. An index kept and queried many times (a notebook, a service) is where
+    faiss pays: IVF-Flat answers in ~0.13 ms at recall@10 = 1.0 and repays its build after a few
+    hundred queries.
+    """
 
     def __init__(self, keys: list[str], captions: list[str], embeddings: torch.Tensor,
                  skipped: Sequence[str] = ()) -> None:
         self.keys, self.captions, self.embeddings = keys, captions, embeddings
         self.skipped = list(skipped)
         """Why each input left out of the index was (a folder's unreadable files)."""
+        self._ann = None
+
+    def build_ann(self, lists: int | None = None, probe: int = 16) -> "SplitIndex":
+        """Answer `search` from a faiss IVF-Flat index (inner product, which is the cosine on unit
+        rows): `lists` k-means cells (default 4 * sqrt(rows), the benchmark's setting), `probe`
+        of them searched per query. Needs `pip install faiss-cpu` (or faiss-gpu)."""
+        try:
+            import faiss
+        except ImportError:
+            raise UserError("an ANN index needs faiss: pip install faiss-cpu (or use exact search)") from None
+        rows = self.embeddings.float().contiguous().numpy()
+        n, dim = rows.shape
+        lists = lists or max(1, int(4 * math.sqrt(n)))
+        if lists > n:
+            raise UserError(f"an ANN index of {n} rows cannot have {lists} lists; exact search is the right tool at this size")
+        ann = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        # k-means needs ~40-64 points a list; more only slows training (faiss samples anyway).
+        sample = rows if n <= 64 * lists else rows[torch.randperm(n, generator=torch.Generator().manual_seed(0))[: 64 * lists].numpy()]
+        ann.train(sample)
+        ann.add(rows)
+        ann.nprobe = min(probe, lists)
+        self._ann = ann
+        return self
 
     def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """Per query: the top-k samples as {key, caption, score}, best first."""
         if queries.shape[1] != self.embeddings.shape[1]:
             raise UserError(f"queries have {queries.shape[1]} dims, the index {self.embeddings.shape[1]}; use the same --dim")
-        top = (queries @ self.embeddings.T).topk(min(k, len(self.keys)), dim=1)
-        return [[{"key": self.keys[i], "caption": self.captions[i], "score": float(v)} for v, i in zip(vals, idx.tolist())]
-                for vals, idx in zip(top.values, top.indices)]
+        k = min(k, len(self.keys))
+        if self._ann is None:
+            top = (queries @ self.embeddings.T).topk(k, dim=1)
+            values, indices = top.values.tolist(), top.indices.tolist()
+        else:
+            scores, found = self._ann.search(queries.float().contiguous().numpy(), k)
+            values, indices = scores.tolist(), found.tolist()
+        # faiss marks a slot it could not fill (fewer than k rows in the probed lists) with -1.
+        return [[{"key": self.keys[i], "caption": self.captions[i], "score": float(v)} for v, i in zip(vals, idx) if i >= 0]
+                for vals, idx in zip(values, indices)]
 
 
 def _read_text(path: Path) -> str:

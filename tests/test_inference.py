@@ -231,3 +231,23 @@ def test_an_encoder_is_the_store_s_whatever_precision_it_ran_in_and_v1_stores_me
     p.manifest = {**p.manifest, "encoders": {**p.manifest["encoders"], "vision": {**vision, "pool": 2}}}
     with pytest.raises(UserError, match=r"^encoders\.vision: .* now computes other features"):
         p.embed("vision", [image])
+
+
+def test_an_ann_index_finds_what_exact_search_finds():
+    from edge_glass.inference import SplitIndex
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(50, 32, generator=g), dim=1)
+    rows = torch.nn.functional.normalize(centres[torch.randint(0, 50, (3000,), generator=g)]
+                                         + 0.05 * torch.randn(3000, 32, generator=g), dim=1)
+    keys = [f"k{i}" for i in range(3000)]
+    exact = SplitIndex(keys, keys, rows)
+    queries = rows[:40]
+    want = exact.search(queries, 5)
+    got = SplitIndex(keys, keys, rows).build_ann().search(queries, 5)
+    assert [r[0]["key"] for r in got] == [f"k{i}" for i in range(40)]  # each row finds itself first
+    assert all(r[0]["score"] == pytest.approx(1.0, abs=1e-5) for r in got)
+    found = sum(len({x["key"] for x in a} & {x["key"] for x in b}) for a, b in zip(got, want))
+    assert found / (40 * 5) >= 0.9, "recall@5 of the IVF index against exact search"
+    with pytest.raises(UserError, match="cannot have 5000 lists"):
+        SplitIndex(keys, keys, rows).build_ann(lists=5000)
