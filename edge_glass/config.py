@@ -604,7 +604,8 @@ class EvalConfig:
     max_samples: int | None = None
     """Instruct stage: evaluate generation on at most this many samples of the split (null: all)."""
     label_field: str | None = "label"
-    """Field of a raw sample's JSON naming its class or group: samples with equal values are
+    """Field of a raw sample's JSON naming its class or group (a dotted path reaches into nested
+    objects: `attributes.colour`): samples with equal values are
     positives of each other, and retrieval is also reported multi-positive (`group_R@K`: any
     sample of the query's group counts, as COCO/Flickr30k count any of an image's captions).
     Splits whose samples lack it get the strict one-to-one numbers only. Null: never."""

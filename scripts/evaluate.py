@@ -29,6 +29,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--num_samples_to_log", type=int, default=None,
                         help="instruct runs: generations to write (default: the config's eval.num_samples_to_log)")
+    parser.add_argument("--classes", default=None,
+                        help="align runs: zero-shot classification with these comma-separated class names "
+                             "(instead of the config's eval.zero_shot_classes); a sample's class is its --label_field")
+    parser.add_argument("--template", action="append", default=None,
+                        help="zero-shot prompt template with {} for the class (repeatable; default: the config's)")
+    parser.add_argument("--label_field", default=None,
+                        help="the raw JSON field holding a sample's class or group, a dotted path for nested "
+                             "fields (default: the config's eval.label_field)")
     args = parser.parse_args(argv)
 
     from edge_glass.features.store import open_checked_split
@@ -38,6 +46,7 @@ def main(argv=None) -> int:
 
     device = device_from(args.device)
     cfg, model, checkpoint = load_run(args.run, args.checkpoint)
+    cfg = with_eval_overrides(cfg, args)
     model = model.to(device)
     stage = stage_of(cfg)
     split_name = args.split or cfg.data.splits.test or cfg.data.splits.val
@@ -54,6 +63,27 @@ def main(argv=None) -> int:
     for path in stage.report(cfg, metrics, logged, summary, Path(args.run) / "eval" / f"{split_name}-{checkpoint.name}"):
         print(f"wrote {path}")
     return 0
+
+
+def with_eval_overrides(cfg, args):
+    """The run's config with this evaluation's classes, templates and label field (checked as
+    the config section is: a template without {} is one line)."""
+    import dataclasses
+
+    from edge_glass.config import ConfigError
+    from edge_glass.utils.errors import UserError
+
+    changes = {}
+    if args.classes is not None:
+        changes["zero_shot_classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.template is not None:
+        changes["zero_shot_templates"] = args.template
+    if args.label_field is not None:
+        changes["label_field"] = args.label_field
+    try:
+        return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+    except ConfigError as e:
+        raise UserError(str(e).replace("{path}", "eval")) from None
 
 
 if __name__ == "__main__":

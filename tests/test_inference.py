@@ -251,3 +251,27 @@ def test_an_ann_index_finds_what_exact_search_finds():
     assert found / (40 * 5) >= 0.9, "recall@5 of the IVF index against exact search"
     with pytest.raises(UserError, match="cannot have 5000 lists"):
         SplitIndex(keys, keys, rows).build_ann(lists=5000)
+
+
+def test_evaluate_scores_zero_shot_with_classes_and_a_nested_label_given_on_the_command_line(tw, capsys):
+    import json
+
+    from edge_glass.data.synthetic_attributes import COLOURS
+
+    shard = sorted((tw.world.raw / "val").glob("shard-*.tar"))[0]
+    colours = [json.loads(raw["json"])["attributes"]["colour"] for raw in iter_shard_raw(shard)]
+    classes = ["red", "green", "blue"]
+    argv = ["--run", str(tw.reference_run), "--device", "cpu", "--split", "val", "--classes", ",".join(classes),
+            "--template", "a {} shape", "--template", "something {}", "--label_field", "attributes.colour"]
+    assert _script("evaluate")(argv) == 0
+    (report,) = [ln.split("wrote ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("wrote ") and ln.endswith(".json")]
+    written = json.loads(open(report).read())
+    # Only the samples whose colour is one of the classes are classified.
+    assert written["zero_shot"]["num_samples"] == sum(c in classes for c in colours) > 0
+    assert 0.0 <= written["zero_shot"]["vision"]["top1"] <= 1.0
+    assert set(written["zero_shot"]) == {"num_samples", "vision", "audio"}
+    # The nested label groups samples of one colour: multi-positive recall beside the strict one.
+    assert all("group_R@1" in row for row in written["rows"])
+    assert set(COLOURS) >= set(colours)
+    with pytest.raises(UserError, match="eval.zero_shot_templates: each needs"):
+        _script("evaluate")(argv[:8] + ["--template", "no slot"])

@@ -75,7 +75,11 @@ def embed_labelled_split(model: AlignmentModel, batches, label_field: str | None
 
 
 def _label(meta: str, field: str):
-    return json.loads(meta).get(field) if meta else None
+    """The value at `field` (a dotted path into nested objects) of a sample's JSON, None if absent."""
+    value = json.loads(meta) if meta else None
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def alignment_metrics(model: AlignmentModel, batches, ks: list[int], chunk_size: int = 1024,

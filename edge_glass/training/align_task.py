@@ -95,7 +95,27 @@ def report(cfg: Config, metrics: dict, logged: list, summary: dict, stem: Path) 
     n = summary["num_samples"]
     print_table(rs, f"{cfg.experiment.name} · {summary['split']} ({n} samples, chance R@1 {100 / max(n, 1):.2f}%) · "
                     f"{Path(summary['checkpoint']).name}")
+    zero_shot = zero_shot_summary(metrics)
+    if zero_shot:
+        summary = {**summary, "zero_shot": zero_shot}
+        accuracies = ", ".join(f"{m} top-{k[3:]} {100 * v:.1f}%" for m, ks in zero_shot.items() if m != "num_samples"
+                               for k, v in ks.items())
+        print(f"zero-shot over {len(cfg.eval.zero_shot_classes)} classes ({zero_shot['num_samples']} labelled samples): {accuracies}")
     return write_reports(rs, summary, stem)
+
+
+def zero_shot_summary(metrics: dict) -> dict:
+    """`zero_shot/<modality>/top<k>` metrics as {modality: {top<k>: accuracy}, num_samples: n}."""
+    out: dict = {}
+    for key, value in metrics.items():
+        parts = key.removeprefix("val/").split("/")
+        if parts[0] != "zero_shot":
+            continue
+        if parts[1] == "num_samples":
+            out["num_samples"] = int(value)
+        else:
+            out.setdefault(parts[1], {})[parts[2]] = value
+    return out
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
