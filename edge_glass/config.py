@@ -1,6 +1,6 @@
 """The experiment schema: YAML in, validated and typed dataclasses out.
 
-One dataclass per section, one docstring per field (litgpt's `args.py` style), so the schema is
+One dataclass per section, one docstring per field (the style of litgpt's argument dataclasses), so the schema is
 also the reference documentation. Loading is strict on purpose: an unknown key is an error that
 names its dotted path and the nearest valid key, a wrong type names the path, the expected and
 the given type, and a missing required field is named. There are no aliases and nothing is
