@@ -68,3 +68,12 @@ def test_scale_benchmark_measures_a_store_in_bounded_resources(tmp_path):
     assert r["shards"] == 40 and r["samples"] == 400 and r["samples_per_s"] > 0
     assert 0 < r["open_files"] <= 8
     assert r["rss_anon_mb"] > 0 and r["first_batch_s"] > 0
+
+
+def test_search_benchmark_measures_exact_and_faiss_indexes():
+    import search
+
+    results = search.main(["--sizes", "2000", "--dim", "16", "--seconds", "0.05"])[2000]
+    assert [r["index"] for r in results][:3] == ["exact (torch)", "faiss flat", "faiss HNSW32"]
+    assert results[0]["recall@10"] == 1.0 and results[1]["recall@10"] == 1.0  # both exact
+    assert all(0.0 <= r["recall@10"] <= 1.0 and r["ms_1"] > 0 for r in results)
