@@ -7,6 +7,7 @@
         --source_caps pixmo-docs=500,pixmo-count=500
     python scripts/download_datasets.py --dataset audiocaps --num_samples 2000 --out data/raw/audiocaps --hf_path DIR
     python scripts/download_datasets.py --dataset localized_narratives --num_samples 2000 --out data/raw/ln
+    python scripts/download_datasets.py --dataset webdataset --source /data/img2dataset_out --out data/raw/mine
 
 A thin shell over `edge_glass.data`: re-running with the same arguments skips finished shards
 (an interrupted run resumes), `--overwrite` regenerates, and other arguments on an existing
@@ -31,6 +32,7 @@ from edge_glass.data.http_fetch import FetchPolicy, parse_mirrors
 from edge_glass.data.raw_shards import AUDIO_FORMATS, SKIPPED_FILE, prepare_raw_dataset, write_shards
 from edge_glass.data.registry import DATASETS, build_source
 from edge_glass.utils.cli import run_main
+from edge_glass.utils.errors import UserError
 from edge_glass.utils.progress import progress_bar
 
 # Command-line flag -> source keyword argument, for the options only some sources take.
@@ -47,13 +49,16 @@ SOURCE_FLAGS = {
     "retries": "fetch",
     "fetch_workers": "fetch",
     "mirror": "fetch",
+    "source": "source",
+    "map": "field_map",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help=f"which source to write ({', '.join(DATASETS)})")
-    p.add_argument("--num_samples", type=int, required=True, help="samples over all splits (real sets: candidates)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="samples over all splits (real sets: candidates); required except for --dataset webdataset (default: all)")
     p.add_argument("--out", required=True, help="output directory (gets <split>/shard-NNNNNN.tar)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical shards")
     p.add_argument(
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic = p.add_argument_group("synthetic")
     synthetic.add_argument("--image_size", type=int, default=None, help="image side in pixels (default 64)")
     synthetic.add_argument("--no_holdout", action="store_true", help="let train use the val/test attribute combos too")
-    real = p.add_argument_group("real sets (pixmo_cap, pixmo_qa, audiocaps, localized_narratives)")
+    real = p.add_argument_group("real sets (pixmo_cap, pixmo_qa, audiocaps, localized_narratives; webdataset takes --min_image_side, --sample_rate, --fetch_workers)")
     real.add_argument("--hf_path", default=None,
                       help="local copy of the dataset instead of the hub id (pixmo_qa: a directory with one "
                            "sub-directory per subset; localized_narratives: JSONL file(s) or annotation URLs)")
@@ -81,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--fetch_workers", type=int, default=None, help="concurrent downloads (default 16)")
     real.add_argument("--mirror", action="append", default=None, metavar="OLD=NEW",
                       help="fetch URLs starting with OLD from NEW instead (repeatable)")
+    own = p.add_argument_group("your own shards (webdataset)")
+    own.add_argument("--source", default=None, metavar="DIR|PATTERN|LIST",
+                     help="a folder of .tar shards, a brace pattern ('/data/{00000..00099}.tar') or a .txt list of shards")
+    own.add_argument("--map", action="append", default=None, metavar="FIELD=SOURCE",
+                     help="where a field is: caption|image|audio|label = a member extension or json.<dotted path> (repeatable)")
     return p
 
 
@@ -108,12 +118,18 @@ def _source_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
         "min_image_side": args.min_image_side,
         "sample_rate": args.sample_rate,
         "fetch": fetch,
+        "source": args.source,
+        "field_map": args.map,
     }
     return options, given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.num_samples is None and args.dataset != "webdataset":
+        raise UserError(f"--dataset {args.dataset} needs --num_samples")
+    if args.dataset == "webdataset" and args.source is None:
+        raise UserError("--dataset webdataset needs --source: a folder of .tar shards, a brace pattern or a .txt list")
     console = Console(stderr=True)
     started = time.perf_counter()
     options, given = _source_options(args)

@@ -25,14 +25,14 @@ ARTIFACTS = {
     "out.ipynb", "c.yaml", "align.yaml",
     # files of models and datasets from elsewhere (Hugging Face folders, CTranslate2, annotations)
     "config.json", "generation_config.json", "tokenizer.json", "dataset_dict.json", "annotations.jsonl",
-    "coco_val_localized_narratives.jsonl",
+    "coco_val_localized_narratives.jsonl", "_stats.json",
     # launchers' own entry files, named in comments about how they start ranks
     "launch.py", "script.py",
 }
 
 
 def _tracked() -> list[str]:
-    return subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
 
 
 def test_every_file_mentioned_in_code_and_docs_is_in_the_repository():

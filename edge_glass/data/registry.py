@@ -11,6 +11,7 @@ ignore: someone who types `--image_size 32 --dataset pixmo_cap` believes it does
     pixmo_qa               PixMo QA mix: images + QA pairs                             pixmo.py
     audiocaps              AudioCaps (or any Audio + caption table): clips + captions  audio_captions.py
     localized_narratives   Localized Narratives: image + spoken description + transcription  narratives.py
+    webdataset             your own WebDataset tar shards (img2dataset output, ...)     webdataset_import.py
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edge_glass.data.narratives import LocalizedNarrativesSource
 from edge_glass.data.pixmo import PixmoCapSource, PixmoQASource
 from edge_glass.data.raw_shards import RawSource
 from edge_glass.data.synthetic import SyntheticSource
+from edge_glass.data.webdataset_import import WebDatasetSource
 from edge_glass.utils.errors import UserError
 
 DATASETS: dict[str, Callable[..., RawSource]] = {
@@ -32,6 +34,7 @@ DATASETS: dict[str, Callable[..., RawSource]] = {
     "pixmo_qa": PixmoQASource,
     "audiocaps": AudioCapsSource,
     "localized_narratives": LocalizedNarrativesSource,
+    "webdataset": WebDatasetSource,
 }
 
 
