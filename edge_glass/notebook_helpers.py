@@ -22,6 +22,7 @@ import contextlib
 import io
 import itertools
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -118,6 +119,69 @@ def _existing_run(config, cfg: Config) -> Path:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run directory (no config.yaml); train it with: {_train_hint(config, cfg)}")
     return run
+
+
+class MissingInputs(UserError):
+    """What a notebook needs and did not find, with the commands that make it. A notebook shows
+    it as those lines alone, not a traceback (IPython renders `_render_traceback_`)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return str(self).splitlines()
+
+
+def config_commands(config: str | os.PathLike) -> list[str]:
+    """The commands a config's header comment lists (`#   python ...`, continuation lines
+    joined, and "Needs ...: python ..."), in order: how its inputs and its run are made."""
+    lines = Path(config).read_text().splitlines()
+    header = list(itertools.takewhile(lambda ln: ln.startswith("#") or not ln.strip(), lines))
+    out: list[str] = []
+    continued = False
+    for line in header:
+        body = line.lstrip("#").strip()
+        if continued:
+            out[-1] = out[-1].rstrip("\\").rstrip() + " " + body
+        elif body.startswith(("python ", "deepspeed ")):
+            out.append(re.sub(r"\s{2,}\(.*\)$", "", body))  # a trailing "(why)" is the header's, not the command's
+        elif ": python " in body:
+            out.append("python " + body.split(": python ", 1)[1])
+        else:
+            continue
+        continued = body.endswith("\\")
+    return out
+
+
+def require(*configs: str | os.PathLike, run: bool = True) -> None:
+    """Stop the notebook with the commands to run when a config's raw data, feature store or
+    trained run (a sweep's runs, for a config with a `sweep` section) is not there yet.
+    `run=False` asks only for the data and the store."""
+    from edge_glass.features.manifest import MANIFEST
+
+    missing, commands = [], []
+    for config in configs:
+        cfg = as_config(config)
+        lacks = []
+        splits = [s for s in (cfg.data.splits.train, cfg.data.splits.val, cfg.data.splits.test) if s]
+        if not all((Path(cfg.data.raw_dir) / s).is_dir() for s in splits):
+            lacks.append(f"raw data {cfg.data.raw_dir}")
+        if not (Path(cfg.data.features_dir) / cfg.data.splits.train / MANIFEST).is_file():
+            lacks.append(f"feature store {cfg.data.features_dir}")
+        if run:
+            runs = [run_dir(v) for _, v in _variants(cfg)]
+            if not all((r / "metrics.jsonl").is_file() for r in runs):
+                lacks.append(f"run {runs[0] if len(runs) == 1 else ', '.join(map(str, runs))}")
+        if lacks:
+            missing.append(f"{config}: {'; '.join(lacks)}")
+            commands += [c for c in config_commands(config) if c not in commands]
+    if missing:
+        raise MissingInputs("\n".join(["This notebook needs what these configs make and does not find it:",
+                                         *(f"  {m}" for m in missing), "Make it with (from the working directory):",
+                                         *(f"  {c}" for c in commands)]))
+
+
+def _variants(cfg: Config):
+    from edge_glass.training.sweep import variant_configs
+
+    return list(variant_configs(cfg)) if cfg.sweep is not None else [(cfg.experiment.name, cfg)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +290,103 @@ def sweep_metrics(config: str | os.PathLike | Config) -> dict[str, list[dict]]:
             raise UserError(f"{run} has no metrics.jsonl; train the sweep with: {_train_hint(config, cfg, 'scripts/sweep.py')}")
         out[name] = read_metrics(run)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature store itself
+
+
+def open_split(cfg: Config, split: str):
+    """The split of the config's store (checked against the config's encoders)."""
+    from edge_glass.features.store import open_checked_split
+
+    return open_checked_split(cfg, split)
+
+
+def store_summary(data, max_samples: int = 2000) -> list[dict]:
+    """Per modality of an open split: its encoder, widths, stored dtype and tokens per sample
+    (min / mean / max over the first `max_samples` samples, which are read)."""
+    block = data.read(0, min(len(data), max_samples), with_meta=False, dequantize=False)
+    rows = []
+    for m in data.modalities:
+        enc = data.manifest["encoders"].get(m, {})
+        lengths = block.modalities[m].lengths
+        rows.append({
+            "modality": m, "encoder": enc.get("model", "?"), "layer": enc.get("layer", ""),
+            "token width": data.field_dim(f"{m}.tokens"), "pooled width": data.field_dim(f"{m}.pooled"),
+            "tokens": data.token_dtype, "min len": int(lengths.min()), "mean len": round(float(lengths.mean()), 1),
+            "max len": int(lengths.max()),
+        })
+    return rows
+
+
+def print_store_summary(data, max_samples: int = 2000) -> None:
+    """`store_summary` as a table, titled with the split's size, shards and fingerprints."""
+    from rich.table import Table
+
+    rows = store_summary(data, max_samples)
+    table = Table(title=f"{data.path}: {len(data):,} samples in {len(data.shard_files)} {data.backend} shard(s) · "
+                        f"encoders {data.encoder_fingerprint[:12]} · format v{data.manifest.get('format_version')}")
+    for column in rows[0]:
+        table.add_column(column, justify="right" if isinstance(rows[0][column], (int, float)) else "left")
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    _console().print(table)
+
+
+def plot_token_lengths(data, max_samples: int = 2000):
+    """A histogram of tokens per sample for each modality (the first `max_samples` samples)."""
+    plt = _pyplot()
+    block = data.read(0, min(len(data), max_samples), with_meta=False, dequantize=False)
+    mods = data.modalities
+    fig, axes = plt.subplots(1, len(mods), figsize=(4 * len(mods), 3), squeeze=False)
+    for ax, m in zip(axes[0], mods):
+        lengths = block.modalities[m].lengths
+        ax.hist(lengths, bins=min(30, max(1, int(lengths.max() - lengths.min()) + 1)))
+        ax.set_title(f"{m}: tokens per sample")
+        ax.set_xlabel("tokens")
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_stats(data, field: str = "tokens"):
+    """The manifest's per-dimension mean and std of each modality's `field` (tokens or pooled),
+    sorted by std: what standardisation divides by, and how many dimensions carry anything."""
+    import numpy as np
+
+    plt = _pyplot()
+    mods = data.modalities
+    fig, axes = plt.subplots(1, len(mods), figsize=(4 * len(mods), 3), squeeze=False)
+    for ax, m in zip(axes[0], mods):
+        mean, std = data.stats(f"{m}.{field}")
+        order = np.argsort(std)[::-1]
+        ax.plot(std[order], label="std")
+        ax.plot(mean[order], label="mean", alpha=0.7)
+        ax.set_title(f"{m}.{field}: {len(std)} dims")
+        ax.set_xlabel("dimension (by std)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def print_neighbours(queries: torch.Tensor, keys: torch.Tensor, captions: Sequence[str], rows: Sequence[int],
+                     k: int = 3, title: str = "nearest captions") -> None:
+    """For each query row: its own caption and the captions of its `k` nearest keys (cosine)."""
+    import torch.nn.functional as F
+    from rich.table import Table
+
+    sims = F.normalize(queries[list(rows)].float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
+    top = sims.topk(min(k, keys.shape[0]), dim=1)
+    table = Table(title=title)
+    table.add_column("sample")
+    table.add_column("its caption")
+    for j in range(top.indices.shape[1]):
+        table.add_column(f"#{j + 1} (cosine)")
+    for i, row in enumerate(rows):
+        cells = [f"{captions[idx]} ({val:.2f})" + (" *" if idx == row else "")
+                 for val, idx in zip(top.values[i].tolist(), top.indices[i].tolist())]
+        table.add_row(str(row), captions[row], *cells)
+    _console().print(table)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,28 @@ def steps(num_samples: int, ranks: int, train_overrides: list[str]) -> list[tupl
     ]
 
 
+def finished(workdir: Path, num_samples: int, max_steps: int) -> dict[str, str | None]:
+    """Per step, what shows it already ran to the end (None: run it). Each step would skip its
+    own finished work too, but only after starting Python, torch and DeepSpeed (~5-20 s each):
+    a finished quickstart should say so in a second."""
+    import json
+
+    def exists(*paths: str) -> bool:
+        return all((workdir / p).is_file() for p in paths)
+
+    dataset = workdir / "data/raw/synthetic/dataset.json"
+    made = json.loads(dataset.read_text()).get("params", {}).get("num_samples") if dataset.is_file() else None
+    splits = ("train", "val", "test")
+    return {
+        "local models": "models/local" if exists("models/local/index.json") else None,
+        "synthetic data": "data/raw/synthetic" if made == num_samples and exists(*(f"data/raw/synthetic/{s}/index.json" for s in splits)) else None,
+        "feature store": "data/features/quickstart" if exists(*(f"data/features/quickstart/{s}/manifest.json" for s in splits)) else None,
+        "align stage": f"runs/quickstart, step {max_steps}" if exists(f"runs/quickstart/checkpoints/step{max_steps}/meta.json") else None,
+        # evaluate.py scores the best checkpoint, whichever step that was.
+        "evaluate": next((str(p.relative_to(workdir)) for p in sorted((workdir / "runs/quickstart/eval").glob("test-step*.json"))), None),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_samples", type=int, default=2400, help="synthetic samples over train/val/test (default 2400)")
@@ -63,13 +85,26 @@ def main() -> int:
     started = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    # Absolute, so the run also finds it when --workdir is elsewhere.
-    overrides = [f"train.deepspeed={REPO / 'ds_configs' / 'zero2.json'}"]
+    # Relative to the working directory when it holds the repository's ds_configs (the checkout
+    # itself), so the run's recorded config still resolves after the checkout moves; absolute
+    # when --workdir is elsewhere.
+    ds_json = REPO / "ds_configs" / "zero2.json"
+    overrides = [f"train.deepspeed={os.path.relpath(ds_json, workdir) if ds_json.is_relative_to(workdir) else ds_json}"]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
+    import yaml
+
+    max_steps = args.max_steps or yaml.safe_load((REPO / CONFIG).read_text())["train"]["max_steps"]
+    done = finished(workdir, args.num_samples, max_steps)
+    # A step after one that runs must run too: its inputs may have changed.
+    rerun = False
     for i, (name, cmd) in enumerate(steps(args.num_samples, args.ranks, overrides), 1):
         shown = [Path(c).relative_to(REPO).as_posix() if c.startswith(str(REPO)) else c for c in cmd]
         shown[0] = "deepspeed" if Path(cmd[0]).name == "deepspeed" else "python"
+        if done[name] and not rerun:
+            print(f"[{i}] {name}: already done ({done[name]})", flush=True)
+            continue
+        rerun = True
         print(f"\n[{i}] {name}: {shlex.join(shown)}", flush=True)
         step_env = dict(env)
         if shown[0] == "deepspeed":

@@ -104,3 +104,36 @@ def test_plots_and_tables_from_records(capsys: pytest.CaptureFixture) -> None:
     nb.plot_halting({"halt_step": [1, 1, 2], "correct": [True, False, True], "attribute": ["a"] * 3, "n_sup": 3,
                      "exact_by_step": {1: 0.5, 2: 0.6, 3: 0.6}})
     plt.close("all")
+
+
+def test_a_notebook_whose_runs_are_missing_stops_with_the_commands_that_make_them(tmp_path: Path) -> None:
+    """Notebook 01 after only the quickstart (no CPU twins): its first code cell stops with the
+    config header's commands, shown as lines, not a traceback from deep in the loader."""
+    from edge_glass import notebook_helpers as nb
+    from helpers.notebooks import NotebookFailed
+
+    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
+    (tmp_path / "data" / "raw" / "synthetic").mkdir(parents=True)  # the quickstart's data, not the twins'
+    with pytest.raises(nb.MissingInputs) as caught:
+        os.chdir(tmp_path)
+        try:
+            nb.require("configs/cpu/vision_text_align.yaml", "configs/cpu/vision_text_qwen.yaml")
+        finally:
+            os.chdir(Path(__file__).resolve().parents[1])
+    lines = caught.value._render_traceback_()
+    assert "configs/cpu/vision_text_qwen.yaml: raw data data/raw/synthetic_cpu; feature store " in "\n".join(lines)
+    commands = [ln.strip() for ln in lines if ln.startswith("  python ")]
+    assert commands[:3] == [
+        "python scripts/make_local_models.py --out models/local",
+        "python scripts/download_datasets.py --dataset synthetic --num_samples 8000 --split_fractions 0.925 0.0375 "
+        "0.0375 --image_size 32 --no_holdout --out data/raw/synthetic_cpu",
+        "python scripts/extract_features.py --config configs/cpu/trimodal_align.yaml",
+    ]
+    assert "python scripts/train.py --config configs/cpu/vision_text_qwen.yaml" in commands
+
+    path = next(p for p in notebook_paths() if p.stem == "01_vision_text_alignment")
+    with pytest.raises(NotebookFailed) as failed:
+        execute_notebook(path, tmp_path, timeout=CELL_TIMEOUT_S)
+    text = str(failed.value)
+    assert "MissingInputs" in text and "python scripts/train.py --config configs/cpu/vision_text_align.yaml" in text
+    assert "Traceback" not in text and "File " not in text, "the commands, not a traceback"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,6 +61,20 @@ def test_quickstart_twin_runs_end_to_end_and_learns(tmp_path, local_model_set):
             assert len(proc.stdout.splitlines()) >= 5  # the table: title, header, 3 rows
     assert (tmp_path / "runs/quickstart/export/model.safetensors").is_file()
     assert (tmp_path / "emb.pt").is_file()
+
+    # A finished quickstart says so, and exits in seconds (no step relaunched).
+    started = time.perf_counter()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, start_new_session=True)
+    elapsed = time.perf_counter() - started
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already done") == 5 and "quickstart done" in again.stdout
+    assert elapsed < 15, f"a finished quickstart took {elapsed:.1f} s"
+
+    # The feature-store notebook reads the quickstart's store and run right after it.
+    from helpers.notebooks import NOTEBOOK_DIR, execute_notebook
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    execute_notebook(NOTEBOOK_DIR / "00_feature_store.ipynb", tmp_path, out_dir=tmp_path / "notebooks_executed")
 
 
 def _readme_block(heading: str) -> list[str]:

@@ -333,6 +333,19 @@ def plain_run(tw: TrainerWorld, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 @pytest.mark.slow
+def test_zero3_counts_the_parameters_zero2_counts(tw: TrainerWorld, plain_run, tmp_path: Path) -> None:
+    """Under ZeRO-3 each rank holds a partition (numel() 0); the table uses DeepSpeed's full counts."""
+    from helpers.trainer_world import ZERO3
+
+    result = train(tmp_path, tw.config, "--set", "experiment.name=z3", "--set", "train.max_steps=1",
+                   "--deepspeed", str(ZERO3), nproc=2)
+    result.check()
+    zero2 = json.loads((plain_run[0] / "parameters.json").read_text())
+    zero3 = json.loads((tw.run_dir(tmp_path, "z3") / "parameters.json").read_text())
+    assert zero3 == zero2 and sum(row["trainable"] for row in zero3) > 0
+
+
+@pytest.mark.slow
 def test_plain_python_train_writes_a_complete_run(tw: TrainerWorld, plain_run) -> None:
     run, result = plain_run
     result.check()

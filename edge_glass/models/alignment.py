@@ -19,6 +19,7 @@ from edge_glass.modalities import pair_modalities
 from edge_glass.models.adapters import ModalityAdapter
 from edge_glass.models.fusion import FUSIONS
 from edge_glass.models.losses import LogitScale, gather_ids, gather_with_grad, info_nce, mrl_prefixes
+from edge_glass.utils.params import counts
 
 
 @dataclass
@@ -104,16 +105,12 @@ class AlignmentModel(nn.Module):
         return total, parts, emb
 
     def parameter_table(self) -> list[tuple[str, int, int]]:
-        """(module, trainable, frozen) parameter counts per top-level module."""
+        """(module, trainable, frozen) parameter counts per top-level module (DeepSpeed's full
+        counts under ZeRO-3, not the rank's partition)."""
         rows = []
         for name, module in self.named_children():
-            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
             if isinstance(module, nn.ModuleDict):
-                for sub, child in module.items():
-                    t = sum(p.numel() for p in child.parameters() if p.requires_grad)
-                    f = sum(p.numel() for p in child.parameters() if not p.requires_grad)
-                    rows.append((f"{name}.{sub}", t, f))
+                rows += [(f"{name}.{sub}", *counts(child.parameters())) for sub, child in module.items()]
             else:
-                rows.append((name, trainable, frozen))
+                rows.append((name, *counts(module.parameters())))
         return rows

@@ -25,6 +25,7 @@ from edge_glass.decoders.base import Decoder
 from edge_glass.decoders.registry import build_decoder
 from edge_glass.models.alignment import AlignmentModel, FeatureInfo
 from edge_glass.models.connector import Connector
+from edge_glass.utils.params import counts
 
 
 class InstructModel(nn.Module):
@@ -84,9 +85,7 @@ class InstructModel(nn.Module):
         rows = []
 
         def count(name: str, module: nn.Module) -> None:
-            params = list(module.parameters())
-            rows.append((name, sum(p.numel() for p in params if p.requires_grad),
-                         sum(p.numel() for p in params if not p.requires_grad)))
+            rows.append((name, *counts(module.parameters())))  # full counts under ZeRO-3 too
 
         for m in self.prefix_modalities:
             count(f"adapters.{m}", self.align.adapters[m])

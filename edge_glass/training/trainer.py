@@ -31,11 +31,23 @@ from edge_glass.utils.locks import hold_collectively
 from edge_glass.utils.progress import progress_bar
 
 
+KNOWN_HARMLESS = (
+    # DeepSpeed's ZeRO path calls a collective torch 2.13 deprecates; nothing a user can act on.
+    # torch's message quotes the name in backticks: "`torch.distributed.all_gather_into_tensor` is deprecated."
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),
+)
+"""(message regex, category) of warnings the trainer hides: each one matched against the real message."""
+
+
+def ignore_known_warnings() -> None:
+    for message, category in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def train(cfg: Config, resume: str = "auto", weights_only: bool = False) -> Path:
     """Run (or resume) training as configured; returns the run directory."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO path calls a collective torch 2.13 deprecates; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor is deprecated.*", category=FutureWarning)
+    ignore_known_warnings()
     init_distributed()
     run_dir = Path(cfg.experiment.output_dir) / cfg.experiment.name
     clean_exit = False
