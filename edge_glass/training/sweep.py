@@ -76,6 +76,10 @@ def write_sweep_report(cfg: Config, table: list[dict], split: str) -> list[Path]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
+    from edge_glass.training.report import can_plot
+
+    if not can_plot():
+        return [json_path, csv_path]
     plot_sweep(table, png_path)
     return [json_path, csv_path, png_path]
 
