@@ -1,122 +1,12 @@
 #!/usr/bin/env python
 """The CPU quickstart, end to end, on the offline local models and the synthetic tri-modal set.
 
-Run with:
-    .venv/bin/python scripts/quickstart.py
-
-Each step is the command a user would type; it is printed, then run. Every step resumes or
-skips what is already done, so running the quickstart twice is cheap.
+The command lives in edge_glass/commands/quickstart.py (also `edge-glass`'s); this is its shell
+for a checkout: `python scripts/quickstart.py --help` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import shlex
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = "configs/cpu/quickstart.yaml"
-
-
-def free_port() -> int:
-    """The launcher's default port 29500 may be held by another job on the machine; two jobs on
-    one port hang in rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def steps(num_samples: int, ranks: int, train_overrides: list[str]) -> list[tuple[str, list[str]]]:
-    py = [sys.executable]
-    # The venv's own `deepspeed` launcher, the command users type on a GPU box.
-    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port())]
-    script = lambda name: str(REPO / "scripts" / name)  # noqa: E731
-    config = str(REPO / CONFIG)
-    sets = [arg for o in train_overrides for arg in ("--set", o)]
-    return [
-        ("local models", py + [script("make_local_models.py"), "--out", "models/local"]),
-        ("synthetic data", py + [script("download_datasets.py"), "--dataset", "synthetic", "--num_samples", str(num_samples),
-                                 "--out", "data/raw/synthetic"]),
-        ("feature store", py + [script("extract_features.py"), "--config", config]),
-        ("align stage", deepspeed + [script("train.py"), "--config", config, *sets]),
-        ("evaluate", py + [script("evaluate.py"), "--run", "runs/quickstart", "--split", "test"]),
-    ]
-
-
-def finished(workdir: Path, num_samples: int, max_steps: int) -> dict[str, str | None]:
-    """Per step, what shows it already ran to the end (None: run it). Each step would skip its
-    own finished work too, but only after starting Python, torch and DeepSpeed (~5-20 s each):
-    a finished quickstart should say so in a second."""
-    import json
-
-    def exists(*paths: str) -> bool:
-        return all((workdir / p).is_file() for p in paths)
-
-    dataset = workdir / "data/raw/synthetic/dataset.json"
-    made = json.loads(dataset.read_text()).get("params", {}).get("num_samples") if dataset.is_file() else None
-    splits = ("train", "val", "test")
-    return {
-        "local models": "models/local" if exists("models/local/index.json") else None,
-        "synthetic data": "data/raw/synthetic" if made == num_samples and exists(*(f"data/raw/synthetic/{s}/index.json" for s in splits)) else None,
-        "feature store": "data/features/quickstart" if exists(*(f"data/features/quickstart/{s}/manifest.json" for s in splits)) else None,
-        "align stage": f"runs/quickstart, step {max_steps}" if exists(f"runs/quickstart/checkpoints/step{max_steps}/meta.json") else None,
-        # evaluate.py scores the best checkpoint, whichever step that was.
-        "evaluate": next((str(p.relative_to(workdir)) for p in sorted((workdir / "runs/quickstart/eval").glob("test-step*.json"))), None),
-    }
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_samples", type=int, default=2400, help="synthetic samples over train/val/test (default 2400)")
-    parser.add_argument("--ranks", type=int, default=2, help="training processes (default 2: one per CPU core)")
-    parser.add_argument("--workdir", default=".", help="where models/, data/ and runs/ go (default: the current directory)")
-    parser.add_argument("--max_steps", type=int, default=None, help="shorter training, e.g. for a smoke test")
-    args = parser.parse_args()
-    env = dict(os.environ)
-    # Offline by design, and DeepSpeed should not probe for a GPU on a CPU box.
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    started = time.perf_counter()
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Relative to the working directory when it holds the repository's ds_configs (the checkout
-    # itself), so the run's recorded config still resolves after the checkout moves; absolute
-    # when --workdir is elsewhere.
-    ds_json = REPO / "ds_configs" / "zero2.json"
-    overrides = [f"train.deepspeed={os.path.relpath(ds_json, workdir) if ds_json.is_relative_to(workdir) else ds_json}"]
-    if args.max_steps:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    import yaml
-
-    max_steps = args.max_steps or yaml.safe_load((REPO / CONFIG).read_text())["train"]["max_steps"]
-    done = finished(workdir, args.num_samples, max_steps)
-    # A step after one that runs must run too: its inputs may have changed.
-    rerun = False
-    for i, (name, cmd) in enumerate(steps(args.num_samples, args.ranks, overrides), 1):
-        shown = [Path(c).relative_to(REPO).as_posix() if c.startswith(str(REPO)) else c for c in cmd]
-        shown[0] = "deepspeed" if Path(cmd[0]).name == "deepspeed" else "python"
-        if done[name] and not rerun:
-            print(f"[{i}] {name}: already done ({done[name]})", flush=True)
-            continue
-        rerun = True
-        print(f"\n[{i}] {name}: {shlex.join(shown)}", flush=True)
-        step_env = dict(env)
-        if shown[0] == "deepspeed":
-            # One thread per rank: the ranks already use every core; more threads only fight.
-            step_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
-        code = subprocess.call(cmd, cwd=workdir, env=step_env)
-        if code != 0:
-            print(f"quickstart: step {i} ({name}) failed with exit code {code}", file=sys.stderr)
-            return code
-    print(f"\nquickstart done in {time.perf_counter() - started:.0f} s")
-    return 0
-
+from edge_glass.commands.quickstart import main
+from edge_glass.utils.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

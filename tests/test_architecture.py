@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edge_glass"
 
 # Lowest first; a module may import (at module level) only from its own layer or below.
 LAYERS = ["utils", "modalities", "config", "decoders", "encoders", "data", "local_models", "features", "models",
-          "training", "inference", "export", "notebook_helpers"]
+          "training", "inference", "export", "notebook_helpers", "commands", "cli"]
 
 
 def _layer(parts: tuple[str, ...]) -> str:

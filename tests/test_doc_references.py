@@ -21,7 +21,7 @@ ARTIFACTS = {
     # written by the program: run directories, stores, exports, downloads, benchmark output
     "metrics.jsonl", "-samples.jsonl", "config.yaml", "meta.json", "parameters.json", "manifest.json",
     "extraction.json", "quantization.json", "index.json", "dataset.json", "skipped.json", "state.json",
-    "shard-NNNNNN.json", "export.json", "args.json", "gpu_check.json", "gpu_check.md", "models/local/index.json",
+    "shard-NNNNNN.json", "export.json", "args.json", "report.json", "gpu_check.json", "gpu_check.md", "models/local/index.json",
     "out.ipynb", "c.yaml", "align.yaml",
     # files of models and datasets from elsewhere (Hugging Face folders, CTranslate2, annotations)
     "config.json", "generation_config.json", "tokenizer.json", "dataset_dict.json", "annotations.jsonl",
@@ -45,7 +45,7 @@ def test_every_file_mentioned_in_code_and_docs_is_in_the_repository():
         path = REPO / name
         for match in MENTION.finditer(path.read_text()):
             ref = match.group(1)
-            if ref in ARTIFACTS or (REPO / ref).exists() or (path.parent / ref).exists():
+            if ref in ARTIFACTS or Path(ref).name in ARTIFACTS or (REPO / ref).exists() or (path.parent / ref).exists():
                 continue
             if any(t == ref or t.endswith("/" + ref) for t in tracked):
                 continue
