@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import REPO
 
 
@@ -33,3 +35,40 @@ def test_ci_and_the_readme_install_from_the_lock():
     readme = (REPO / "README.md").read_text()
     command = "pip install -r requirements.lock -e ."
     assert command in ci and command in readme
+
+
+@pytest.mark.slow
+def test_a_wheel_of_the_repo_installs_in_a_fresh_venv_with_its_commands_and_configs(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    wheels = tmp_path / "wheels"
+    # setuptools builds in the checkout's build/ (ignored) and never deletes from it: a module
+    # removed since the last build would still ship. Start from none.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("edge_glass-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # The configs and DeepSpeed JSONs travel with the package (edge_glass/utils/shipped.py finds them).
+    for shipped in ["configs/cpu/quickstart.yaml", "configs/vision_text_align.yaml", "ds_configs/zero2.json"]:
+        assert f"edge_glass/{shipped}" in names, shipped
+    assert not any(n.startswith(("tests/", "scripts/", "notebooks/")) for n in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # --no-deps: the commands' --help needs nothing but the package (the heavy imports are per command).
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300,
+                   capture_output=True)
+    out = subprocess.run([str(venv / "bin" / "edge-glass"), "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    from edge_glass.cli import COMMANDS
+
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert listed == list(COMMANDS) and {"extract", "train", "evaluate", "predict", "search"} <= set(listed)
+    wrong = subprocess.run([str(venv / "bin" / "edge-glass"), "trian"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "did you mean 'train'" in wrong.stderr
