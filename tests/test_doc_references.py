@@ -21,7 +21,7 @@ ARTIFACTS = {
     # written by the program: run directories, stores, exports, downloads, benchmark output
     "metrics.jsonl", "-samples.jsonl", "config.yaml", "meta.json", "parameters.json", "manifest.json",
     "extraction.json", "quantization.json", "index.json", "dataset.json", "skipped.json", "state.json",
-    "shard-NNNNNN.json", "export.json", "args.json", "report.json", "gpu_check.json", "gpu_check.md", "models/local/index.json",
+    "shard-NNNNNN.json", "export.json", "args.json", "report.json", "zero_to_fp32.py", "gpu_check.json", "gpu_check.md", "models/local/index.json",
     "out.ipynb", "c.yaml", "align.yaml",
     # files of models and datasets from elsewhere (Hugging Face folders, CTranslate2, annotations)
     "config.json", "generation_config.json", "tokenizer.json", "dataset_dict.json", "annotations.jsonl",
