@@ -8,8 +8,9 @@ CPU in seconds.
 
 Real shapes: CLIP ViT-L/14-336 (LLaVA-1.5's vision tower), Whisper-base's encoder on a 1-s
 window and all-MiniLM-L6-v2's BERT (the encoders of the quickstart and of
-benchmarks/train_throughput.py --encoders realistic), and Qwen2.5-0.5B (896 wide, 24 layers,
-14 query / 2 key-value heads, 151,936-token vocabulary, tied embeddings).
+benchmarks/train_throughput.py --encoders realistic), Qwen2.5-0.5B (896 wide, 24 layers,
+14 query / 2 key-value heads, 151,936-token vocabulary, tied embeddings) and Qwen2.5-1.5B (1536
+wide, 28 layers, 12 / 2 heads).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from edge_glass.local_models import tiny
 # Qwen2.5-0.5B's config.json, less the fields that do not change the compute.
 QWEN25_05B = dict(
     hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+
+
+# Qwen2.5-1.5B's: the decoder of the experiment configs.
+QWEN25_15B = dict(
+    hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
     num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
     rms_norm_eps=1e-6, tie_word_embeddings=True,
 )
@@ -83,7 +92,7 @@ def build_minilm_l6(out: Path) -> Path:
     return out
 
 
-def build_qwen25_05b(out: Path) -> Path:
+def build_qwen25_05b(out: Path, shape: dict = QWEN25_05B) -> Path:
     """Qwen2.5-0.5B's shape in bf16 (as the hub checkpoint), with the tiny model's ChatML
     tokenizer: its ids are a few hundred, all valid rows of the full-size embedding."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -93,7 +102,7 @@ def build_qwen25_05b(out: Path) -> Path:
 
     tokenizer = train_bpe_tokenizer([*text_corpus(), *tiny.CHAT_TEXTS], vocab_size=tiny.QWEN_VOCAB_SIZE)
     endoftext, im_end = tokenizer.convert_tokens_to_ids(ENDOFTEXT), tokenizer.convert_tokens_to_ids(IM_END)
-    config = Qwen2Config(**QWEN25_05B, bos_token_id=endoftext, eos_token_id=im_end, pad_token_id=endoftext)
+    config = Qwen2Config(**shape, bos_token_id=endoftext, eos_token_id=im_end, pad_token_id=endoftext)
     torch.manual_seed(0)
     with _init_device():
         model = Qwen2ForCausalLM(config)
@@ -108,6 +117,7 @@ BUILDERS = {
     "audio": (tiny.build_whisper_tiny, build_whisper_base),
     "text": (tiny.build_sbert_tiny, build_minilm_l6),
     "qwen": (tiny.build_qwen2_tiny, build_qwen25_05b),
+    "qwen-1.5b": (tiny.build_qwen2_tiny, lambda out: build_qwen25_05b(out, QWEN25_15B)),
 }
 
 

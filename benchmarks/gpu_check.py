@@ -341,6 +341,20 @@ def align(ctx: Context) -> dict:
 
 
 def instruct(ctx: Context) -> dict:
+    """Qwen2.5-0.5B and 1.5B shapes with LoRA: the plain step (full logits, Hugging Face's loss)
+    and the chunked answer-token loss (decoders/chunked_ce.py), in one run."""
+    out: dict = {"metrics": {}, "what": []}
+    for name, label in (("qwen", "0.5b"), ("qwen-1.5b", "1.5b")):
+        one = _instruct_one(ctx, name)
+        out["what"].append(f"{label}: {one['what']}")
+        out["metrics"].update({f"{label}_{k}": v for k, v in one["metrics"].items()})
+        out["peak_flops"], out["flops_note"] = one["peak_flops"], one["flops_note"]
+        free_memory()
+    out["what"] = "; ".join(out["what"])
+    return out
+
+
+def _instruct_one(ctx: Context, model_name: str) -> dict:
     from edge_glass.config import DecoderConfig, LoraConfig, ModelConfig, QwenConfig
     from edge_glass.decoders.qwen import QwenDecoder
     from edge_glass.models.connector import Connector
@@ -349,7 +363,8 @@ def instruct(ctx: Context) -> dict:
     decoder_defaults, shared_dim = DecoderConfig(), ModelConfig().shared_dim
     prefix = decoder_defaults.num_prefix_tokens
     lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    decoder = QwenDecoder(QwenConfig(model=str(ctx.model("qwen")), tune="lora", lora=lora), dtype=ctx.dtype).to(ctx.device)
+    decoder = QwenDecoder(QwenConfig(model=str(ctx.model(model_name)), tune="lora", lora=lora, loss_chunk_rows=None),
+                          dtype=ctx.dtype).to(ctx.device)
     connector = Connector(shared_dim, decoder.hidden_size, prefix, kind=decoder_defaults.connector).to(ctx.device)
     trainable = [p for m in (decoder, connector) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
@@ -366,21 +381,30 @@ def instruct(ctx: Context) -> dict:
     ids, labels, positions, mask, features = (t.to(ctx.device) for t in (ids, labels, positions, mask, features))
     autocast = torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 
-    def forward_backward() -> None:
+    def forward_backward(chunked: bool = False) -> None:
         with autocast:
-            loss = decoder(connector(features), ids, mask, labels, positions).loss
+            if chunked:  # only the answer half's logits, 1024 rows at a time
+                loss = decoder.answer_loss(connector(features), ids, mask, labels, positions, 1024)
+            else:
+                loss = decoder(connector(features), ids, mask, labels, positions).loss
         loss.backward()
 
-    def step() -> None:
-        forward_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def measure(chunked: bool) -> tuple[float, float | None]:
+        def step() -> None:
+            forward_backward(chunked)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    n, s = timed(ctx, step, warmup=3)
-    step_s = s / n
-    # The connector runs once per sample, the decoder once per token.
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        n, s = timed(ctx, step, warmup=3)
+        peak_mem = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
+        return s / n, peak_mem
+
+    step_s, peak_mem = measure(chunked=False)
+    chunked_s, chunked_mem = measure(chunked=True)
+    # The connector runs once per sample, the decoder once per token. The same model FLOPs for
+    # both paths (MFU's definition): the chunked one does less work for the same step.
     flops = causal_lm_flops_per_token(decoder.model, seq) * batch * seq + 6.0 * linear_params(connector)[0] * batch
     try:
         counted = count_flops(forward_backward)
@@ -395,7 +419,7 @@ def instruct(ctx: Context) -> dict:
     return {
         "what": f"Qwen2 (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) + LoRA r "
                 f"{lora.r} on q,k,v,o + {decoder_defaults.connector} connector ({prefix} prefix tokens), "
-                f"{dtype_name(ctx.dtype)} autocast, batch {batch} x {seq} tokens",
+                f"{dtype_name(ctx.dtype)} autocast, batch {batch} x {seq} tokens (half of them answer)",
         "metrics": {
             "ms_per_step": 1e3 * step_s,
             "tokens_per_s": batch * seq / step_s,
@@ -406,7 +430,11 @@ def instruct(ctx: Context) -> dict:
             "counted_flops_per_step": counted,
             "lora_params": lm_trainable,
             "frozen_params": lm_frozen,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None,
+            "peak_memory_gib": peak_mem,
+            "chunked_ms_per_step": 1e3 * chunked_s,
+            "chunked_mfu": mfu(flops, chunked_s, peak),
+            "chunked_speedup": step_s / chunked_s,
+            "chunked_peak_memory_gib": chunked_mem,
         },
         "peak_flops": peak,
         "flops_note": flops_note,
@@ -444,20 +472,25 @@ TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
         ("data_wait", "training time spent waiting for data (target < 5 %)", "{:.1%}"),
         ("train_mfu", "training MFU (the trainer's own, in metrics.jsonl)", "{:.1%}"),
     ]),
-    "instruct": ("(iii) instruct stage", [
-        ("ms_per_step", "step (forward, backward, AdamW)", "{:,.1f} ms"),
-        ("tokens_per_s", "tokens", "{:,.0f} tokens/s"),
-        ("mfu", "MFU (analytic model FLOPs / dense peak)", "{:.1%}"),
-        ("tflops_per_s", "model FLOPs", "{:,.1f} TFLOP/s"),
-        ("counted_flops_per_step", "FlopCounterMode / analytic FLOPs per step", None),
-        ("peak_memory_gib", "peak GPU memory", "{:,.1f} GiB"),
+    "instruct": ("(iii) instruct stage (Qwen2.5-0.5B and 1.5B shapes, LoRA)", [
+        row for size in ("0.5b", "1.5b") for row in [
+            (f"{size}_ms_per_step", f"{size}: step (forward, backward, AdamW), plain loss", "{:,.1f} ms"),
+            (f"{size}_tokens_per_s", f"{size}: tokens, plain loss", "{:,.0f} tokens/s"),
+            (f"{size}_mfu", f"{size}: MFU, plain loss (analytic model FLOPs / dense peak)", "{:.1%}"),
+            (f"{size}_chunked_mfu", f"{size}: MFU, chunked answer-token loss (target >= 40 % at 1.5b)", "{:.1%}"),
+            (f"{size}_chunked_speedup", f"{size}: chunked / plain step speed", "{:.2f}x"),
+            (f"{size}_counted_flops_per_step", f"{size}: FlopCounterMode / analytic FLOPs per step", None),
+            (f"{size}_peak_memory_gib", f"{size}: peak GPU memory, plain", "{:,.1f} GiB"),
+            (f"{size}_chunked_peak_memory_gib", f"{size}: peak GPU memory, chunked", "{:,.1f} GiB"),
+        ]
     ]),
 }
 
 
 def _cell(metrics: dict, key: str, fmt: str | None) -> str:
-    if key == "counted_flops_per_step":  # shown as a ratio: how far the formula is from torch's count
-        return "not counted" if metrics[key] is None else f"{metrics[key] / metrics['flops_per_step']:.3f}"
+    if key.endswith("counted_flops_per_step"):  # shown as a ratio: how far the formula is from torch's count
+        analytic = metrics[key.replace("counted_flops_per_step", "flops_per_step")]
+        return "not counted" if metrics[key] is None else f"{metrics[key] / analytic:.3f}"
     value = metrics.get(key)
     return "n/a on this device" if value is None else fmt.format(value)
 

@@ -371,6 +371,15 @@ class QwenConfig:
     enable_thinking: bool | None = None
     """Passed to the chat template as `enable_thinking` (Qwen3: false renders the empty think block
     the model expects when it answers directly); null passes nothing (Qwen2/2.5 templates)."""
+    loss_chunk_rows: int | None = 1024
+    """The LM loss reads only the supervised (answer) positions and computes their logits this
+    many rows at a time (decoders/chunked_ce.py): no [batch, length, vocabulary] logits, none for
+    the prompt. Null: the plain path, Hugging Face's loss over every position's logits. The loss
+    and its gradients are the same either way."""
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_rows is not None:
+            _check_positive(self, "loss_chunk_rows")
 
 
 @dataclass

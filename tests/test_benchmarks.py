@@ -77,3 +77,13 @@ def test_search_benchmark_measures_exact_and_faiss_indexes():
     assert [r["index"] for r in results][:3] == ["exact (torch)", "faiss flat", "faiss HNSW32"]
     assert results[0]["recall@10"] == 1.0 and results[1]["recall@10"] == 1.0  # both exact
     assert all(0.0 <= r["recall@10"] <= 1.0 and r["ms_1"] > 0 for r in results)
+
+
+def test_instruct_step_benchmark_compares_plain_and_chunked_loss_at_tiny_shapes():
+    import instruct_step
+
+    (plain, chunked) = instruct_step.main(["--shapes", "tiny", "--batch", "2", "--seq", "64", "--steps", "1"])["tiny"]
+    assert (plain["variant"], chunked["variant"]) == ("plain", "chunked")
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5), "the same loss either way"
+    assert 0 < plain["supervised_fraction"] < plain["useful_fraction"] <= 1
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in (plain, chunked))

@@ -208,8 +208,28 @@ class QwenDecoder(nn.Module):
         ]}
 
     def batch_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        out = self(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
-        return out.loss, {}
+        chunk_rows = getattr(self.cfg, "loss_chunk_rows", None)
+        if chunk_rows is None:  # the plain path: every position's logits, Hugging Face's loss
+            out = self(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
+            return out.loss, {}
+        return self.answer_loss(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                batch["prefix_positions"], chunk_rows), {}
+
+    def answer_loss(self, prefix_embeds: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor, prefix_positions: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
+        """The same mean cross-entropy as `forward(...).loss`, from the transformer's hidden states
+        of the supervised positions only, through the head in chunks (decoders/chunked_ce.py): the
+        prompt's and the padding's logits are never computed, and no [B, L, V] tensor exists."""
+        from edge_glass.decoders.chunked_ce import linear_cross_entropy, supervised_rows
+
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = causal_lm.get_output_embeddings()
+        inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions)
+        hidden = causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        rows, targets = supervised_rows(hidden, labels.to(hidden.device))
+        if getattr(head, "bias", None) is not None:  # not Qwen's; a head with a bias takes the plain path
+            return torch.nn.functional.cross_entropy(head(rows).float(), targets)
+        return linear_cross_entropy(rows, head.weight, targets, chunk_rows)
 
     def eval_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[float, int]:
         """Summed cross-entropy over the supervised tokens and their number, so batches and ranks
