@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,14 +35,9 @@ VARIANTS = {"plain": None, "chunked": 1024}
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+    from loader import machine as cpu_machine
+
+    return cpu_machine() + (f", {torch.cuda.get_device_name()}" if device == "cuda" else "")
 
 
 def examples(batch: int, seed: int = 0) -> list[dict]:

@@ -21,27 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from loader import machine
 
 K = 10
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def clustered(n: int, dim: int, seed: int = 0, centres: int = 1000) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from helpers.trainer_world import ZERO2, env, run_script, train
+from helpers.trainer_world import ZERO2, run_script, train
 from PIL import Image
 
 from edge_glass.data.raw_shards import iter_raw_samples
