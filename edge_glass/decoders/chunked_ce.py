@@ -9,8 +9,9 @@ computed right away in the forward pass, as Liger's fused linear cross-entropy d
 no point are more than [chunk_rows, V] logits alive, and nothing of them is kept for backward.
 
 The result is the same mean cross-entropy and the same gradients as `F.cross_entropy(h @ W.T,
-y)` up to floating-point summation order (tested). Logits are computed in float32 whatever the
-inputs' dtype (as HF's loss upcasts them); the gradients are returned in the inputs' dtypes.
+y)` up to floating-point summation order (tested). As Hugging Face's causal-LM loss, the head's
+product runs in the model's dtype and the softmax in float32; the gradients come back in the
+inputs' dtypes. A frozen head (LoRA) gets no gradient and is never copied.
 
 Hand-written because no maintained library installable here does it on CPU and for any dtype:
 Liger's kernel is Triton (CUDA only), and torch has no fused linear cross-entropy.
@@ -34,21 +35,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        # A trainable head's gradient accumulates in float32 ([V, H], what its .grad needs anyway);
+        # a frozen one (LoRA) gets none, and no float32 copy of it is ever made.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None
-        w32 = weight.float()
         for start in range(0, n, chunk_rows):
-            h = hidden[start : start + chunk_rows].float()
+            h = hidden[start : start + chunk_rows].to(weight.dtype)
             y = targets[start : start + chunk_rows]
-            logits = h @ w32.T  # [c, V], the only logits alive
+            # As Hugging Face's loss: the head in the model's dtype, the loss in float32.
+            logits = (h @ weight.T).float()  # [c, V], the only logits alive
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             # d(sum of losses)/d logits = softmax - one_hot; the mean's 1/n is applied in backward.
             grad_logits = torch.softmax(logits, dim=-1)
             grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = (grad_logits @ w32).to(hidden.dtype)
+                grad_hidden[start : start + chunk_rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h
+                grad_weight += grad_logits.T @ h.float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.n = n
         ctx.weight_dtype = weight.dtype
@@ -86,5 +89,6 @@ def supervised_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def full_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The plain path, for comparison: every logit at once, in float32."""
-    return F.cross_entropy((hidden.float() @ weight.float().T), targets, ignore_index=IGNORE_INDEX)
+    """The plain path, for comparison: every logit at once (the head in the model's dtype, the
+    loss in float32, as Hugging Face computes it)."""
+    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)
