@@ -54,9 +54,9 @@ def test_every_file_mentioned_in_code_and_docs_is_in_the_repository():
 
 
 def test_the_check_finds_a_dead_mention(tmp_path):
-    text = "See DESIGN.md and notes/cpu-stack.md, like docs/architecture.md."
+    text = "See PLAN.md and memos/setup.md, like docs/architecture.md."
     found = [m.group(1) for m in MENTION.finditer(text)]
-    assert found == ["DESIGN.md", "notes/cpu-stack.md", "docs/architecture.md"]
+    assert found == ["PLAN.md", "memos/setup.md", "docs/architecture.md"]
     tracked = _tracked()
     missing = [r for r in found if not (REPO / r).exists() and not any(t.endswith("/" + r) for t in tracked)]
-    assert missing == ["DESIGN.md", "notes/cpu-stack.md"]
+    assert missing == ["PLAN.md", "memos/setup.md"]
