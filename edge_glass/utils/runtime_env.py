@@ -1,7 +1,8 @@
 """Environment defaults every entry point needs before DeepSpeed is imported.
 
-- `DS_ACCELERATOR=cpu` on a machine without CUDA: DeepSpeed otherwise probes for accelerators
-  and says "Setting accelerator to CPU" once per process it starts.
+- `DS_ACCELERATOR=cpu` on a machine with no accelerator (no NVIDIA or ROCm driver, no XPU/HPU/NPU
+  plug-in): DeepSpeed otherwise probes for one and says "Setting accelerator to CPU" once per
+  process it starts.
 - `TORCH_EXTENSIONS_DIR` per Python environment: DeepSpeed's JIT-built ops (the CPU shm
   collective) embed the interpreter's paths, so two virtualenvs sharing torch's default cache
   (`~/.cache/torch_extensions/py311_cpu`) rebuild the op in turn, 40-90 s each time.
@@ -25,18 +26,27 @@ def extensions_dir() -> Path:
     return base / "edge_glass" / "torch_extensions" / f"{Path(sys.prefix).name}-{tag}"
 
 
-def cuda_present() -> bool:
-    """Whether an NVIDIA driver is visible, without importing torch (the package's import stays
-    light): the driver's proc entry, or CUDA_VISIBLE_DEVICES naming a device."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return Path("/proc/driver/nvidia/version").exists()
+ACCELERATOR_PACKAGES = ("intel_extension_for_pytorch", "habana_frameworks", "torch_npu", "torch_mlu", "torch_sdaa")
+"""Packages by which DeepSpeed recognises a non-CUDA accelerator (XPU, HPU, NPU, MLU, SDAA)."""
+
+
+def accelerator_present() -> bool:
+    """Whether DeepSpeed may find an accelerator here, judged without importing torch (the
+    package's import stays light): an NVIDIA or AMD (ROCm) driver's device files, a visible CUDA
+    device list, or an installed accelerator plug-in."""
+    import importlib.util
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        cuda = False
+    else:
+        cuda = any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
+    return cuda or any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PACKAGES)
 
 
 def apply_defaults() -> dict[str, str]:
     """Set the defaults that are unset; returns what was set."""
     wanted = {"TORCH_EXTENSIONS_DIR": str(extensions_dir())}
-    if not cuda_present():
+    if not accelerator_present():
         wanted["DS_ACCELERATOR"] = "cpu"
     applied = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(applied)
