@@ -88,3 +88,16 @@ def test_the_qwen_decoder_s_chunked_loss_equals_hugging_face_s_full_logits_loss(
     assert plain_lora.keys() == chunked_lora.keys() and plain_lora
     for name in plain_lora:
         torch.testing.assert_close(chunked_lora[name], plain_lora[name], rtol=1e-4, atol=1e-6)
+
+
+def test_an_enclosing_autocast_changes_nothing():
+    hidden, weight, targets = _problem()
+    plain = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    under_grads = torch.autograd.grad(under, (hidden, weight))
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain)
+    for a, b in zip(under_grads, plain_grads):
+        torch.testing.assert_close(a, b)

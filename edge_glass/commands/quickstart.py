@@ -67,7 +67,10 @@ def finished(workdir: Path, num_samples: int, max_steps: int) -> dict[str, str |
         return all((workdir / p).is_file() for p in paths)
 
     dataset = workdir / "data/raw/synthetic/dataset.json"
-    made = json.loads(dataset.read_text()).get("params", {}).get("num_samples") if dataset.is_file() else None
+    try:
+        made = json.loads(dataset.read_text()).get("params", {}).get("num_samples") if dataset.is_file() else None
+    except (OSError, ValueError):
+        made = None  # unreadable: let the data step look at it and say what is wrong
     splits = ("train", "val", "test")
     return {
         "local models": "models/local" if exists("models/local/index.json") else None,

@@ -215,9 +215,12 @@ class WebDatasetSource(CandidateSource):
     # One sample ---------------------------------------------------------------------------------
 
     def _read(self, path: Path, member: Member) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(member.offset)
-            data = f.read(member.size)
+        try:
+            with open(path, "rb") as f:
+                f.seek(member.offset)
+                data = f.read(member.size)
+        except OSError as e:  # the shard moved or lost its permissions since it was indexed
+            raise SkippedSample("unreadable", f"{path}: {e.strerror or e}") from None
         if len(data) != member.size:
             raise SkippedSample("truncated", f"{path}: member at {member.offset} is cut short")
         return data

@@ -32,6 +32,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                 weight_grad: bool) -> torch.Tensor:
+        # The dtypes below are chosen by hand; an enclosing autocast would turn the float32
+        # products (the head's gradient, the softmax's input) back into bf16.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, targets, chunk_rows, weight_grad)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_rows: int, weight_grad: bool) -> torch.Tensor:
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
