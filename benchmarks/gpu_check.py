@@ -25,10 +25,12 @@ time and guarded: one failure is reported in the output and the others still run
                   (extract_store: decode, preprocess, encode, write HDF5), then scripts/train.py
                   for a fixed number of steps; samples/s and data-wait come from the run's
                   metrics.jsonl, start-up window excluded.
-  instruct        Qwen2.5-0.5B-shaped QwenDecoder with LoRA (r 16 on q,k,v,o) behind a Connector
-                  prefix, bf16 autocast, torch AdamW, batch 16 x 256 tokens: ms/step, tokens/s
-                  and MFU (edge_glass.training.flops), with FlopCounterMode's count as a check on
-                  the analytic FLOPs.
+  instruct        Qwen2.5-0.5B- and 1.5B-shaped QwenDecoder with LoRA (r 16 on q,k,v,o) behind a
+                  Connector prefix, bf16, torch AdamW, QA examples of varied length up to 512
+                  tokens: the plain step (padded rows, full logits) against packed rows with
+                  the answer-token loss, then compiled decoder layers, then a batch that fills
+                  the GPU; real tokens/s, the useful fraction and MFU over real tokens
+                  (edge_glass.training.flops), FlopCounterMode's count as a check.
 
 It writes gpu_check.json and gpu_check.md to --out after every section (so a run cut short
 still leaves what it measured) and prints the table at the end.
@@ -341,8 +343,8 @@ def align(ctx: Context) -> dict:
 
 
 def instruct(ctx: Context) -> dict:
-    """Qwen2.5-0.5B and 1.5B shapes with LoRA: the plain step (full logits, Hugging Face's loss)
-    and the chunked answer-token loss (decoders/chunked_ce.py), in one run."""
+    """Qwen2.5-0.5B and 1.5B shapes with LoRA: the plain step against the optimised one (packed
+    rows, answer-token loss, compiled layers, then a batch that fills the GPU), in one run."""
     out: dict = {"metrics": {}, "what": []}
     for name, label in (("qwen", "0.5b"), ("qwen-1.5b", "1.5b")):
         one = _instruct_one(ctx, name)
@@ -354,88 +356,114 @@ def instruct(ctx: Context) -> dict:
     return out
 
 
+INSTRUCT_VARIANTS = (
+    # (name, examples per step, packed, loss_chunk_rows, compiled layers)
+    ("plain", "small", False, None, False),     # today's step: padded rows, every position's logits
+    ("packed", "small", True, 1024, False),     # packed rows + the answer tokens' logits only
+    ("compiled", "small", True, 1024, True),    # ... + torch.compile of each decoder layer
+    ("filled", "large", True, 1024, True),      # ... at a batch that fills the GPU
+)
+
+
 def _instruct_one(ctx: Context, model_name: str) -> dict:
+    from instruct_step import examples as qa_examples
+
     from edge_glass.config import DecoderConfig, LoraConfig, ModelConfig, QwenConfig
     from edge_glass.decoders.qwen import QwenDecoder
     from edge_glass.models.connector import Connector
 
-    batch, seq = (2, 32) if ctx.dry_run else (16, 256)
+    # "large": ~96 x 170 real tokens, ~16k a step, packed into ~32 rows of 512; activations of
+    # the 1.5B shape at that size take ~60 GB in bf16 (no activation checkpointing).
+    sizes, seq = ({"small": 4, "large": 8}, 64) if ctx.dry_run else ({"small": 16, "large": 96}, 512)
     decoder_defaults, shared_dim = DecoderConfig(), ModelConfig().shared_dim
     prefix = decoder_defaults.num_prefix_tokens
     lora = LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    decoder = QwenDecoder(QwenConfig(model=str(ctx.model(model_name)), tune="lora", lora=lora, loss_chunk_rows=None),
-                          dtype=ctx.dtype).to(ctx.device)
+    decoder = QwenDecoder(QwenConfig(model=str(ctx.model(model_name)), tune="lora", lora=lora, max_length=seq,
+                                     loss_chunk_rows=None), dtype=ctx.dtype).to(ctx.device)
+    decoder.train()
     connector = Connector(shared_dim, decoder.hidden_size, prefix, kind=decoder_defaults.connector).to(ctx.device)
     trainable = [p for m in (decoder, connector) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
-
-    g = torch.Generator().manual_seed(0)
-    # Ids from the small tokenizer: valid rows of the full-size embedding. The first half of each
-    # sequence is prompt (no loss), with the prefix slots right after the first token.
-    ids = torch.randint(3, len(decoder.tokenizer), (batch, seq), generator=g)
-    labels = ids.clone()
-    labels[:, : seq // 2] = -100
-    positions = torch.arange(1, 1 + prefix).expand(batch, prefix)
-    mask = torch.ones_like(ids)
-    features = torch.randn(batch, shared_dim, generator=g)
-    ids, labels, positions, mask, features = (t.to(ctx.device) for t in (ids, labels, positions, mask, features))
     autocast = torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 
-    def forward_backward(chunked: bool = False) -> None:
+    def batch_of(n: int, packed: bool) -> tuple[dict, torch.Tensor]:
+        # QA examples of varied length (a QA mix: one-word answers beside long descriptions),
+        # tokenised and collated as the instruct stage does (decoder.qwen.packing).
+        decoder.cfg.packing = packed
+        b = decoder.encode_examples(qa_examples(n), prefix)
+        features = torch.randn(n, shared_dim, generator=torch.Generator().manual_seed(0))
+        return {k: v.to(ctx.device) for k, v in b.items()}, features.to(ctx.device)
+
+    def forward_backward(b: dict, features: torch.Tensor) -> None:
         with autocast:
-            if chunked:  # only the answer half's logits, 1024 rows at a time
-                loss = decoder.answer_loss(connector(features), ids, mask, labels, positions, 1024)
-            else:
-                loss = decoder(connector(features), ids, mask, labels, positions).loss
+            loss, _ = decoder.batch_loss(connector(features), b)
         loss.backward()
 
-    def measure(chunked: bool) -> tuple[float, float | None]:
+    metrics: dict = {}
+    counted, flops_note = None, None
+    peak, is_compiled = peak_flops(ctx.device, ctx.dtype), False
+    for name, size, packed, chunk, compiled in INSTRUCT_VARIANTS:
+        decoder.cfg.loss_chunk_rows = chunk
+        # What decoder.qwen.compile does, from here on; not in the dry run (a CPU compiles for
+        # minutes, and tests/test_qwen_switches.py checks the compiled layers' results).
+        if compiled and not is_compiled and not ctx.dry_run:
+            for layer in decoder._causal_lm().model.layers:
+                layer.compile()
+            is_compiled = True
+        n = sizes[size]
+        b, features = batch_of(n, packed)
+        useful, positions = int(b["num_tokens"]), b["input_ids"].numel()
+
         def step() -> None:
-            forward_backward(chunked)
+            forward_backward(b, features)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        n, s = timed(ctx, step, warmup=3)
-        peak_mem = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None
-        return s / n, peak_mem
-
-    step_s, peak_mem = measure(chunked=False)
-    chunked_s, chunked_mem = measure(chunked=True)
-    # The connector runs once per sample, the decoder once per token. The same model FLOPs for
-    # both paths (MFU's definition): the chunked one does less work for the same step.
-    flops = causal_lm_flops_per_token(decoder.model, seq) * batch * seq + 6.0 * linear_params(connector)[0] * batch
-    try:
-        counted = count_flops(forward_backward)
-    except Exception as e:  # noqa: BLE001 -- the count is a cross-check; older torch lacks some attention formulas
-        counted, flops_note = None, f"FlopCounterMode failed: {type(e).__name__}: {e}"
-    else:
-        flops_note = None
-    opt.zero_grad(set_to_none=True)
-    peak = peak_flops(ctx.device, ctx.dtype)
+        try:
+            steps, seconds = timed(ctx, step, warmup=3)
+        except torch.OutOfMemoryError:
+            metrics[f"{name}_error"] = f"out of memory at {n} examples of up to {seq} tokens"
+            opt.zero_grad(set_to_none=True)
+            free_memory()
+            continue
+        step_s = seconds / steps
+        # Model FLOPs of the real tokens only (MFU's definition: padding is not the model's work),
+        # each attending over the mean example length, plus the connector once per example.
+        mean_len = useful / n
+        connector_flops = 6.0 * linear_params(connector)[0] * n
+        flops = causal_lm_flops_per_token(decoder.model, int(mean_len)) * useful + connector_flops
+        metrics.update({
+            f"{name}_examples": n,
+            f"{name}_ms_per_step": 1e3 * step_s,
+            f"{name}_tokens_per_s": useful / step_s,
+            f"{name}_useful_fraction": useful / positions,
+            f"{name}_mfu": mfu(flops, step_s, peak),
+            f"{name}_peak_memory_gib": torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None,
+        })
+        if name == "plain":
+            # The cross-check counts what ran, padding included: every position of every row,
+            # attending over the row's width (the formula's convention, and the counter's).
+            width = b["input_ids"].shape[1]
+            metrics["flops_per_step"] = causal_lm_flops_per_token(decoder.model, width) * positions + connector_flops
+            try:
+                counted = count_flops(lambda: forward_backward(b, features))
+            except Exception as e:  # noqa: BLE001 -- the count is a cross-check; older torch lacks some attention formulas
+                flops_note = f"FlopCounterMode failed: {type(e).__name__}: {e}"
+            opt.zero_grad(set_to_none=True)
+        if f"{name}_tokens_per_s" in metrics and "plain_tokens_per_s" in metrics:
+            metrics[f"{name}_speedup"] = metrics[f"{name}_tokens_per_s"] / metrics["plain_tokens_per_s"]
+    metrics["counted_flops_per_step"] = counted
     lm_trainable, lm_frozen = linear_params(decoder.model)
+    metrics.update(lora_params=lm_trainable, frozen_params=lm_frozen)
     cfg = decoder.model.config.get_text_config()
     return {
         "what": f"Qwen2 (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}) + LoRA r "
                 f"{lora.r} on q,k,v,o + {decoder_defaults.connector} connector ({prefix} prefix tokens), "
-                f"{dtype_name(ctx.dtype)} autocast, batch {batch} x {seq} tokens (half of them answer)",
-        "metrics": {
-            "ms_per_step": 1e3 * step_s,
-            "tokens_per_s": batch * seq / step_s,
-            "samples_per_s": batch / step_s,
-            "mfu": mfu(flops, step_s, peak),
-            "tflops_per_s": flops / step_s / 1e12,
-            "flops_per_step": flops,
-            "counted_flops_per_step": counted,
-            "lora_params": lm_trainable,
-            "frozen_params": lm_frozen,
-            "peak_memory_gib": peak_mem,
-            "chunked_ms_per_step": 1e3 * chunked_s,
-            "chunked_mfu": mfu(flops, chunked_s, peak),
-            "chunked_speedup": step_s / chunked_s,
-            "chunked_peak_memory_gib": chunked_mem,
-        },
+                f"{dtype_name(ctx.dtype)} weights and autocast, QA examples of up to {seq} tokens; "
+                f"{sizes['small']} examples a step ({sizes['large']} for 'filled')",
+        "metrics": metrics,
         "peak_flops": peak,
         "flops_note": flops_note,
     }
@@ -474,14 +502,18 @@ TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
     ]),
     "instruct": ("(iii) instruct stage (Qwen2.5-0.5B and 1.5B shapes, LoRA)", [
         row for size in ("0.5b", "1.5b") for row in [
-            (f"{size}_ms_per_step", f"{size}: step (forward, backward, AdamW), plain loss", "{:,.1f} ms"),
-            (f"{size}_tokens_per_s", f"{size}: tokens, plain loss", "{:,.0f} tokens/s"),
-            (f"{size}_mfu", f"{size}: MFU, plain loss (analytic model FLOPs / dense peak)", "{:.1%}"),
-            (f"{size}_chunked_mfu", f"{size}: MFU, chunked answer-token loss (target >= 40 % at 1.5b)", "{:.1%}"),
-            (f"{size}_chunked_speedup", f"{size}: chunked / plain step speed", "{:.2f}x"),
-            (f"{size}_counted_flops_per_step", f"{size}: FlopCounterMode / analytic FLOPs per step", None),
-            (f"{size}_peak_memory_gib", f"{size}: peak GPU memory, plain", "{:,.1f} GiB"),
-            (f"{size}_chunked_peak_memory_gib", f"{size}: peak GPU memory, chunked", "{:,.1f} GiB"),
+            (f"{size}_plain_ms_per_step", f"{size}: step (forward, backward, AdamW), plain: padded rows, full logits", "{:,.1f} ms"),
+            (f"{size}_plain_tokens_per_s", f"{size}: real tokens/s, plain", "{:,.0f} tokens/s"),
+            (f"{size}_plain_useful_fraction", f"{size}: real tokens / positions computed, plain", "{:.0%}"),
+            (f"{size}_plain_mfu", f"{size}: MFU over real tokens, plain (analytic model FLOPs / dense peak)", "{:.1%}"),
+            (f"{size}_packed_mfu", f"{size}: MFU, packed rows + answer-token loss", "{:.1%}"),
+            (f"{size}_compiled_mfu", f"{size}: MFU, ... + compiled decoder layers", "{:.1%}"),
+            (f"{size}_filled_mfu", f"{size}: MFU, ... at the large batch (target >= 40 % at 1.5b)", "{:.1%}"),
+            (f"{size}_filled_speedup", f"{size}: real tokens/s, filled / plain", "{:.2f}x"),
+            (f"{size}_filled_tokens_per_s", f"{size}: real tokens/s, filled", "{:,.0f} tokens/s"),
+            (f"{size}_counted_flops_per_step", f"{size}: FlopCounterMode / analytic FLOPs, plain step", None),
+            (f"{size}_plain_peak_memory_gib", f"{size}: peak GPU memory, plain", "{:,.1f} GiB"),
+            (f"{size}_filled_peak_memory_gib", f"{size}: peak GPU memory, filled", "{:,.1f} GiB"),
         ]
     ]),
 }

@@ -348,10 +348,13 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names that get LoRA adapters."""
+    """Module names that get LoRA adapters; `[all-linear]` alone puts them on every linear layer of
+    the transformer (attention and MLP, not the output head), as QLoRA does."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "r", "alpha")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError("{path}.target_modules: all-linear already names every linear layer; give it alone")
 
 
 @dataclass
@@ -376,6 +379,20 @@ class QwenConfig:
     many rows at a time (decoders/chunked_ce.py): no [batch, length, vocabulary] logits, none for
     the prompt. Null: the plain path, Hugging Face's loss over every position's logits. The loss
     and its gradients are the same either way."""
+    packing: bool = False
+    """Pack several examples into each row of up to max_length tokens (decoders/packing.py)
+    instead of padding every example to the batch's longest: no compute on padding, the same
+    per-example losses. Position ids restart at each example and attention stays inside it."""
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel (transformers' attn_implementation): sdpa (torch's fused kernels), eager
+    (plain products, the reference), flash_attention_2 (the flash-attn package on a CUDA GPU;
+    packed rows then run its variable-length kernel instead of a block mask)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them: about a
+    third more compute for far less activation memory, so a larger micro-batch fits (1.5B+)."""
+    compile: bool = False
+    """torch.compile each decoder layer (per block, as torchtitan does): fused element-wise work
+    and fewer kernel launches; the first steps pay for the compilation."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows is not None:

@@ -79,11 +79,25 @@ def test_search_benchmark_measures_exact_and_faiss_indexes():
     assert all(0.0 <= r["recall@10"] <= 1.0 and r["ms_1"] > 0 for r in results)
 
 
-def test_instruct_step_benchmark_compares_plain_and_chunked_loss_at_tiny_shapes():
+def test_instruct_step_benchmark_compares_the_layouts_at_tiny_shapes():
     import instruct_step
 
-    (plain, chunked) = instruct_step.main(["--shapes", "tiny", "--batch", "2", "--seq", "64", "--steps", "1"])["tiny"]
-    assert (plain["variant"], chunked["variant"]) == ("plain", "chunked")
-    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5), "the same loss either way"
-    assert 0 < plain["supervised_fraction"] < plain["useful_fraction"] <= 1
-    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] >= 0 for r in (plain, chunked))
+    rows = instruct_step.main(["--shapes", "tiny", "--batch", "12", "--seq", "256", "--steps", "1"])["tiny"]
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["plain", "chunked", "grouped", "packed"]
+    for r in rows:  # every layout computes the same mean loss over the same answer tokens
+        assert r["loss"] == pytest.approx(by["plain"]["loss"], rel=1e-5), r["variant"]
+        assert r["tokens_per_s"] > 0 and r["peak_bytes"] >= 0
+    assert 0 < by["plain"]["supervised_fraction"] < by["plain"]["useful_fraction"] < 1
+    # Rows twice the longest example: packing leaves less padding than one example a row, in fewer rows.
+    assert by["packed"]["useful_fraction"] > by["plain"]["useful_fraction"]
+    assert by["grouped"]["useful_fraction"] > by["plain"]["useful_fraction"]
+    assert by["packed"]["rows"] < by["plain"]["rows"] == 12
+
+
+def test_instruct_step_find_batch_doubles_until_the_memory_limit():
+    import instruct_step
+
+    rows = instruct_step.main(["--shapes", "tiny", "--find-batch", "--batch", "2", "--max-batch", "8", "--seq", "64",
+                               "--steps", "1", "--memory-limit-gb", "100"])["tiny"]
+    assert [r["batch"] for r in rows] == [2, 4, 8] and all(r["variant"] == "packed" for r in rows)

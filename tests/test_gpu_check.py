@@ -144,6 +144,11 @@ def test_gpu_check_dry_run_reports_every_section(tmp_path):
         measured = {k: v for k, v in section["metrics"].items() if v is not None and k != "data_wait"}
         assert measured and all(v > 0 for v in measured.values()), f"{name}: {section['metrics']}"
     assert 0 <= results["sections"]["align"]["metrics"]["data_wait"] < 1
+    instruct = results["sections"]["instruct"]["metrics"]
+    for size in ("0.5b", "1.5b"):
+        for variant in ("plain", "packed", "compiled", "filled"):
+            assert 0 < instruct[f"{size}_{variant}_useful_fraction"] <= 1 and instruct[f"{size}_{variant}_tokens_per_s"] > 0
+        assert instruct[f"{size}_filled_examples"] > instruct[f"{size}_plain_examples"]
     table = (out / "gpu_check.md").read_text()
     assert "| section | measurement | value |" in table and "(iii) instruct stage" in table
     assert table.strip() in proc.stdout  # the table is printed too

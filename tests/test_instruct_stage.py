@@ -5,7 +5,7 @@
 Every run starts from the align reference run of helpers/trainer_world.py (its best checkpoint
 is `train.init_from`), on the same tiny store, with the tiny random Qwen2 and LoRA: 2 ranks,
 ZeRO-2, fp32, 12 steps, checkpoint + eval every 3 steps, LoRA dropout on (so the per-rank RNG
-streams matter for an exact resume).
+streams matter for an exact resume), examples packed several to a row (decoders/packing.py).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def instruct_overrides(tw: TrainerWorld, *extra: str) -> list[str]:
         "loss.pairs.vision_text=0",
         "loss.pairs.audio_text=0",
         "decoder.kind=qwen",
-        f"decoder.qwen={{model: {qwen}, tune: lora, max_length: 64, lora: {{r: 4, alpha: 8, dropout: 0.1}}}}",
+        f"decoder.qwen={{model: {qwen}, tune: lora, max_length: 64, packing: true, "
+        f"lora: {{r: 4, alpha: 8, dropout: 0.1}}}}",
         "decoder.prefix_modalities=[vision, audio]",
         "decoder.num_prefix_tokens=2",
         f"train.init_from={tw.reference_run}",
@@ -107,8 +108,11 @@ def test_lora_run_trains_and_checkpoints_only_lora_and_the_connectors(tw: Traine
     assert saved == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     # lora_B starts at zero; trained, it no longer is
     assert any(float(state[k].abs().max()) > 0 for k in lora if "lora_B" in k)
-    losses = [r["loss"] for r in train_records(run)]
+    records = train_records(run)
+    losses = [r["loss"] for r in records]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    # Real tokens counted on every rank; packed rows leave little padding (one row's tail).
+    assert all(r["tokens_per_s"] > 0 and 0.5 < r["useful_fraction"] <= 1.0 for r in records), records[0]
 
 
 def test_lora_run_evaluates_generation_and_writes_samples(instruct) -> None:

@@ -77,7 +77,12 @@ class Decoder(Protocol):
 
     def encode_examples(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, torch.Tensor]:
         """Training inputs of the examples (`{"prompt", "answer", ...}` dicts), as CPU tensors
-        with one row per example. Runs in the loader's prefetch thread: no device work here."""
+        with one row per example. Runs in the loader's prefetch thread: no device work here.
+
+        A decoder may lay training batches out otherwise (Qwen's `packing`: several examples per
+        row); it then also defines `encode_eval_examples`, the one-row-per-example layout that
+        evaluation uses (its batches are cut by example). A `num_tokens` entry (0-d, the real
+        tokens, padding excluded) gives the run's tokens/s and MFU over real tokens."""
         ...
 
     def generation_inputs(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, Any]:

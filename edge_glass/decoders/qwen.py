@@ -29,13 +29,36 @@ from torch import nn
 
 from edge_glass.config import QwenConfig
 from edge_glass.decoders.base import IGNORE_INDEX, Sampling, seeded
+from edge_glass.decoders.packing import collate_packed
 from edge_glass.decoders.qwen_chat import collate_examples, end_of_turn_id, placeholder_id, tokenize_example, tokenize_prompt
 from edge_glass.utils.errors import UserError
+
+
+def _layout(batch: dict) -> dict:
+    """The model inputs that differ between a padded batch (an attention mask) and a packed one
+    (position ids that restart at each example, the row of each example's prefix slots)."""
+    if "position_ids" in batch:
+        return {"attention_mask": None, "position_ids": batch["position_ids"], "prefix_rows": batch["prefix_rows"]}
+    return {"attention_mask": batch["attention_mask"], "position_ids": None, "prefix_rows": None}
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _attention(cfg: QwenConfig) -> str:
+    """transformers' `attn_implementation` for `cfg.attention`, or a UserError naming what is missing."""
+    if cfg.attention == "flash_attention_2":
+        missing = []
+        if importlib.util.find_spec("flash_attn") is None:
+            missing.append("the flash-attn package (pip install flash-attn)")
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU")
+        if missing:
+            raise UserError(f"decoder.qwen.attention: flash_attention_2 needs {' and '.join(missing)}; "
+                            "use sdpa (torch's fused attention) instead")
+    return cfg.attention
 
 
 def _quantization_config(cfg: QwenConfig):
@@ -81,7 +104,7 @@ class QwenDecoder(nn.Module):
         self.system_prompt = system_prompt
         # Qwen3's template renders an empty think block when told the model answers directly.
         self.template_kwargs = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
-        load_kwargs: dict = {"revision": cfg.revision}
+        load_kwargs: dict = {"revision": cfg.revision, "attn_implementation": _attention(cfg)}
         if cfg.quantize != "none":
             load_kwargs["quantization_config"] = _quantization_config(cfg)
             # bitsandbytes weights are placed at load time, on this process's GPU.
@@ -99,7 +122,16 @@ class QwenDecoder(nn.Module):
         self.end_of_turn_id = end_of_turn_id(self.tokenizer)
         self.pad_id = placeholder_id(self.tokenizer)
         self.hidden_size = int(model.config.get_text_config().hidden_size)
+        if cfg.gradient_checkpointing:
+            # Non-reentrant: the inputs (prefix embeddings) need not require grad, and LoRA's
+            # frozen base is fine with it; transformers applies it in training mode only.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._apply_tune(model, cfg)
+        if cfg.compile:
+            # Per decoder layer, after LoRA is in place (its adapters are inside the layers): the
+            # layers share one compiled graph, and the head and loss stay eager.
+            for layer in self._causal_lm().model.layers:
+                layer.compile()
 
     @staticmethod
     def _apply_tune(model: nn.Module, cfg: QwenConfig) -> nn.Module:
@@ -108,12 +140,14 @@ class QwenDecoder(nn.Module):
 
             if cfg.quantize != "none":
                 model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            targets = list(cfg.lora.target_modules)
             lora = peft.LoraConfig(
                 task_type=peft.TaskType.CAUSAL_LM,
                 r=cfg.lora.r,
                 lora_alpha=cfg.lora.alpha,
                 lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
+                # peft's own spelling: every Linear but the output head.
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
                 bias="none",
             )
             try:
@@ -128,6 +162,10 @@ class QwenDecoder(nn.Module):
         return model
 
     # ----------------------------------------------------------------------------------------
+
+    def _causal_lm(self) -> nn.Module:
+        """The transformers causal LM under peft's wrapper (or the model itself)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     @property
     def device(self) -> torch.device:
@@ -145,20 +183,26 @@ class QwenDecoder(nn.Module):
         input_ids: torch.Tensor,
         prefix_embeds: torch.Tensor | None = None,
         prefix_positions: torch.Tensor | None = None,
+        prefix_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings [B, L, H] with the slots at `prefix_positions` [B, N] replaced by `prefix_embeds` [B, N, H]."""
+        """Token embeddings [R, L, H] with the slots at (`prefix_rows`, `prefix_positions`) [E, N]
+        replaced by `prefix_embeds` [E, N, H]. Without `prefix_rows`, example e is row e (a padded
+        batch); a packed batch (decoders/packing.py) holds several examples per row."""
         embeds = self.model.get_input_embeddings()(input_ids)
         if prefix_embeds is None:
             return embeds
         if prefix_positions is None:
             raise ValueError("prefix_embeds given without prefix_positions")
-        b, n = prefix_positions.shape
-        if prefix_embeds.shape != (b, n, embeds.shape[-1]):
+        e, n = prefix_positions.shape
+        if prefix_embeds.shape != (e, n, embeds.shape[-1]):
             raise ValueError(
                 f"prefix_embeds has shape {list(prefix_embeds.shape)}, but prefix_positions asks for "
-                f"[{b}, {n}, {embeds.shape[-1]}]"
+                f"[{e}, {n}, {embeds.shape[-1]}]"
             )
-        rows = torch.arange(b, device=embeds.device).unsqueeze(1).expand(b, n)
+        if prefix_rows is None:
+            rows = torch.arange(e, device=embeds.device).unsqueeze(1).expand(e, n)
+        else:
+            rows = prefix_rows.to(embeds.device)
         # Out-of-place, so gradients flow into the connector and (when trained) the embedding.
         return embeds.index_put(
             (rows, prefix_positions.to(embeds.device)), prefix_embeds.to(device=embeds.device, dtype=embeds.dtype)
@@ -168,17 +212,22 @@ class QwenDecoder(nn.Module):
         self,
         prefix_embeds: torch.Tensor | None,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         prefix_positions: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        prefix_rows: torch.Tensor | None = None,
     ):
         """LM output (`.loss` over the supervised labels when `labels` is given, `.logits` [B, L, V]).
 
         Labels are the collated ones (-100 on prompt, prefix slots and padding); the model shifts
-        them itself, so position t's label is the token it should follow position t-1 with.
+        them itself, so position t's label is the token it should follow position t-1 with. A
+        packed batch passes `position_ids` and `prefix_rows` and no `attention_mask`.
         """
-        inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions)
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions, prefix_rows)
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          labels=labels, use_cache=False)
 
     # -- the decoder contract (decoders/base.py) ---------------------------------------------------
 
@@ -187,15 +236,31 @@ class QwenDecoder(nn.Module):
         return self.hidden_size
 
     def encode_examples(self, examples, num_prefix_tokens: int) -> dict[str, torch.Tensor]:
-        """Chat-template sequences with prefix slots, answer + end-of-turn supervised, right-padded."""
-        tokenised = [
+        """Chat-template sequences with prefix slots, answer + end-of-turn supervised: right-padded
+        rows, one example each, or with `packing` several examples per row of `max_length`."""
+        tokenised = self._tokenise(examples, num_prefix_tokens)
+        if self.cfg.packing:
+            return collate_packed(tokenised, self.pad_id, self.cfg.max_length)
+        return self._padded(tokenised)
+
+    def encode_eval_examples(self, examples, num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+        """One right-padded row per example, packing or not: evaluation cuts its batches by
+        example (eval.max_samples), and the loss is the same in either layout."""
+        return self._padded(self._tokenise(examples, num_prefix_tokens))
+
+    def _tokenise(self, examples, num_prefix_tokens: int) -> list[dict]:
+        return [
             tokenize_example(
                 self.tokenizer, e["prompt"], e["answer"], num_prefix_tokens, self.cfg.max_length,
                 system_prompt=self.system_prompt, chat_template_kwargs=self.template_kwargs,
             )
             for e in examples
         ]
-        return collate_examples(tokenised, self.pad_id, padding_side="right")
+
+    def _padded(self, tokenised: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_examples(tokenised, self.pad_id, padding_side="right")
+        batch["num_tokens"] = batch["attention_mask"].sum()
+        return batch
 
     def generation_inputs(self, examples, num_prefix_tokens: int) -> dict:
         """`prompts`: each example's prompt part alone, ending where the assistant's answer starts."""
@@ -208,24 +273,30 @@ class QwenDecoder(nn.Module):
         ]}
 
     def batch_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        layout = _layout(batch)
         chunk_rows = getattr(self.cfg, "loss_chunk_rows", None)
         if chunk_rows is None:  # the plain path: every position's logits, Hugging Face's loss
-            out = self(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prefix_positions"])
+            out = self(prefix, batch["input_ids"], layout["attention_mask"], batch["labels"], batch["prefix_positions"],
+                       position_ids=layout["position_ids"], prefix_rows=layout["prefix_rows"])
             return out.loss, {}
-        return self.answer_loss(prefix, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                batch["prefix_positions"], chunk_rows), {}
+        return self.answer_loss(prefix, batch["input_ids"], layout["attention_mask"], batch["labels"],
+                                batch["prefix_positions"], chunk_rows, position_ids=layout["position_ids"],
+                                prefix_rows=layout["prefix_rows"]), {}
 
-    def answer_loss(self, prefix_embeds: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor, prefix_positions: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
+    def answer_loss(self, prefix_embeds: torch.Tensor | None, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, labels: torch.Tensor, prefix_positions: torch.Tensor | None,
+                    chunk_rows: int, *, position_ids: torch.Tensor | None = None,
+                    prefix_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The same mean cross-entropy as `forward(...).loss`, from the transformer's hidden states
         of the supervised positions only, through the head in chunks (decoders/chunked_ce.py): the
         prompt's and the padding's logits are never computed, and no [B, L, V] tensor exists."""
         from edge_glass.decoders.chunked_ce import linear_cross_entropy, supervised_rows
 
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        causal_lm = self._causal_lm()
         head = causal_lm.get_output_embeddings()
-        inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions)
-        hidden = causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        inputs_embeds = self.embed(input_ids, prefix_embeds, prefix_positions, prefix_rows)
+        hidden = causal_lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
         rows, targets = supervised_rows(hidden, labels.to(hidden.device))
         if getattr(head, "bias", None) is not None:  # not Qwen's; a head with a bias takes the plain path
             return torch.nn.functional.cross_entropy(head(rows).float(), targets)

@@ -36,6 +36,9 @@ class AlignTask:
     def describe(self) -> str:
         return f"contrastive pairs {', '.join(self.model.pairs)}"
 
+    def tokens(self, batch: dict) -> None:
+        return None  # pooled features and token grids, no sequences to count
+
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, parts, _ = engine(batch)
         return loss, parts

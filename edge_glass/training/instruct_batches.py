@@ -53,11 +53,12 @@ class InstructBatcher:
 
     def train_batch(self, batch: dict) -> dict:
         """The feature batch plus the decoder's training inputs."""
-        return self._build(batch)[0]
+        return self._build(batch, self.decoder.encode_examples)[0]
 
     def eval_batch(self, batch: dict) -> dict:
-        """`train_batch` plus what generation and scoring need."""
-        out, examples = self._build(batch)
+        """The feature batch, the decoder's inputs one row per example (evaluation cuts batches
+        by example), and what generation and scoring need."""
+        out, examples = self._build(batch, getattr(self.decoder, "encode_eval_examples", self.decoder.encode_examples))
         out["answers"] = [e["answer"] for e in examples]
         out["kinds"] = [e["kind"] for e in examples]
         out["attributes"] = [e["attribute"] for e in examples]
@@ -68,9 +69,9 @@ class InstructBatcher:
 
     # ------------------------------------------------------------------------------------
 
-    def _build(self, batch: dict) -> tuple[dict, list[dict]]:
+    def _build(self, batch: dict, encode) -> tuple[dict, list[dict]]:
         examples, owner = self.examples(batch)
         out = dict(batch)
         out["example_sample"] = torch.tensor(owner, dtype=torch.long)
-        out.update(self.decoder.encode_examples(examples, self.num_prefix_tokens))
+        out.update(encode(examples, self.num_prefix_tokens))
         return out, examples

@@ -91,6 +91,8 @@ def _first_samples(batch: dict, n: int) -> dict:
             out[k] = v[:n]
         elif isinstance(v, dict):
             out[k] = {kk: vv[:n] for kk, vv in v.items()}
+        elif isinstance(v, torch.Tensor) and v.dim() == 0:  # a count of the whole batch (num_tokens)
+            out[k] = v
         elif isinstance(v, torch.Tensor):
             out[k] = v[rows]
         elif isinstance(v, list):

@@ -116,6 +116,13 @@ class InstructTask:
         frozen = "frozen" if self.cfg.train.freeze_adapters else "trained"
         return f"adapters ({frozen}) from {source}"
 
+    def tokens(self, batch: dict) -> tuple[int, int] | None:
+        # Qwen's batches count their real tokens (padded or packed); the TRM's fixed-length
+        # answers have no padding to leave out.
+        if "num_tokens" not in batch:
+            return None
+        return int(batch["num_tokens"]), int(batch["input_ids"].numel())
+
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return engine(batch)
 

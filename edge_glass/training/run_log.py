@@ -71,25 +71,36 @@ def parameter_table(rows: list[tuple[str, int, int]], run_dir: Path) -> None:
 
 
 def train_record(step: int, epoch: int, window: dict, samples_per_micro: int, lr: float, parts: dict, world: int,
-                device: torch.device, flops_per_micro: int | None, peak: float | None) -> dict:
+                device: torch.device, peak: float | None) -> dict:
     """The window's metrics.jsonl record (the loss averaged over its finite micro-batches, with
-    `skipped_nonfinite` steps counted); `mfu` only where the FLOPs and the device's peak are known."""
+    `skipped_nonfinite` steps counted). Stages with token sequences add `tokens_per_s` (real
+    tokens, all ranks) and `useful_fraction` (real tokens over positions computed); `mfu` (the
+    window's model FLOPs, of real tokens only where there are tokens) where the FLOPs and the
+    device's peak are known; `peak_memory_gib` on a GPU (the allocator's high-water mark)."""
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=device).reshape(())
-                          for k in ("loss", "finite")])
+    # float64: a window's FLOPs pass 2**24 long before they pass float32's range, and sums of
+    # token counts must stay exact. The loss terms are device tensors (no sync until here).
+    totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=device).reshape(())
+                          for k in ("loss", "finite", "tokens", "positions", "flops")])
     if world > 1:
         dist.all_reduce(totals)
-    loss = totals[0] / totals[1].clamp(min=1)
-    utilisation = mfu(flops_per_micro * window["micro"], elapsed, peak) if flops_per_micro else None
+    loss, finite, tokens, positions, flops = totals.tolist()
+    loss = loss / max(finite, 1.0)
+    # Every rank did the same work as the counted one: MFU is per device, so the mean.
+    utilisation = mfu(flops / world, elapsed, peak) if flops > 0 else None
+    token_stats = {"tokens_per_s": tokens / elapsed, "useful_fraction": tokens / positions} if positions > 0 else {}
+    memory = {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
     return {
         "kind": "train",
         "step": step,
         "epoch": epoch,
-        "loss": float(loss.item()),
+        "loss": float(loss),
         **({"skipped_nonfinite": window["skipped"]} if window["skipped"] else {}),
         "lr": lr,
         "samples_per_s": window["micro"] * samples_per_micro / elapsed,
         "data_wait": window["wait"] / elapsed,
         **{k: float(v) for k, v in parts.items()},
+        **token_stats,
+        **memory,
         **({"mfu": utilisation} if utilisation is not None else {}),
     }

@@ -54,6 +54,11 @@ class Task(Protocol):
         """(loss, detached parts to log) of one micro-batch, through the DeepSpeed engine."""
         ...
 
+    def tokens(self, batch: dict) -> tuple[int, int] | None:
+        """(real tokens, positions computed) of a host-side micro-batch, for tokens/s and an MFU
+        over the real tokens only (padding excluded); None for a stage without token sequences."""
+        ...
+
     def evaluate(self, engine, split: FeatureSplit, rank: int, world_size: int, samples_path: Path | None = None,
                  zero_stage: int = 0) -> dict[str, float]:
         """`val/...` metrics on the split, reduced over ranks; includes `best_metric`."""

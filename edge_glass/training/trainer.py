@@ -69,9 +69,12 @@ class _Loop:
         self.s = s
         self.step = s.engine.global_steps
         self.last_saved = self.step if s.resumed else -1
-        self.window = {"loss": 0.0, "finite": 0.0, "micro": 0, "wait": 0.0, "skipped": 0, "t0": time.perf_counter()}
+        self.window = _fresh_window()
         self.peak = peak_flops(s.engine.device, _compute_dtype(s.precision))
+        # FLOPs of the first micro-batch (counted), and per position computed when the stage
+        # has token sequences: MFU then counts the real tokens only, padding excluded.
         self.flops_per_micro: int | None = None
+        self.flops_per_position: float | None = None
         self.skip_nonfinite = s.cfg.train.on_nonfinite == "skip"
 
     def run(self) -> None:
@@ -104,7 +107,9 @@ class _Loop:
             window["wait"] += time.perf_counter() - t_wait
             if batch is None:
                 return False  # end of epoch; the loader now points at the next one
-            loss, parts = self._micro_step(to_device(batch, s.engine.device))
+            tokens = s.task.tokens(batch)  # on the host batch: no device sync
+            loss, parts = self._micro_step(to_device(batch, s.engine.device), tokens)
+            self._count(tokens)
             lr_used = float(s.scheduler.get_last_lr()[0])  # the rate this step trains with
             s.engine.step()
             # Device tensors only: no sync until the step's one agreement below.
@@ -133,7 +138,7 @@ class _Loop:
                 return True
         return False
 
-    def _micro_step(self, batch: dict):
+    def _micro_step(self, batch: dict, tokens: tuple[int, int] | None):
         s = self.s
         if self.peak is not None and self.flops_per_micro is None:
             # The first micro-step runs under FLOP counting (its own forward and backward, no
@@ -141,8 +146,21 @@ class _Loop:
             # GPUs with a known peak.
             out: dict = {}
             self.flops_per_micro = count_flops(lambda: _forward_backward(s.task, s.engine, batch, out))
+            if tokens is not None:
+                self.flops_per_position = self.flops_per_micro / max(tokens[1], 1)
             return out["loss"], out["parts"]
         return _forward_backward(s.task, s.engine, batch)
+
+    def _count(self, tokens: tuple[int, int] | None) -> None:
+        """The micro-batch's real tokens and positions, and the model FLOPs it did usefully."""
+        window = self.window
+        if tokens is not None:
+            window["tokens"] += tokens[0]
+            window["positions"] += tokens[1]
+        if self.flops_per_position is not None and tokens is not None:
+            window["flops"] += self.flops_per_position * tokens[0]
+        elif self.flops_per_micro is not None:
+            window["flops"] += self.flops_per_micro
 
     def _nonfinite(self, step: int) -> None:
         """A non-finite loss in this step, on some rank. DeepSpeed's ZeRO optimizers skip a step
@@ -163,13 +181,13 @@ class _Loop:
         s = self.s
         record = train_record(step, s.loader.epoch, self.window, s.cfg.data.micro_batch_size * D.world_size(), lr,
                              {k: v for k, v in parts.items() if k in s.task.logged_parts}, D.world_size(),
-                             s.engine.device, self.flops_per_micro, self.peak)
+                             s.engine.device, self.peak)
         utilisation = record.get("mfu")
         bar.update(description=f"train {s.cfg.experiment.name} · loss {record['loss']:.4f} · lr {record['lr']:.2e} · "
                                f"{record['samples_per_s']:,.0f} samples/s · data wait {100 * record['data_wait']:.0f}%"
                                + (f" · MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
         s.log.write(record)
-        self.window.update(loss=0.0, finite=0.0, micro=0, wait=0.0, skipped=0, t0=time.perf_counter())
+        self.window.update(_fresh_window())  # in place: _epoch holds the same dict
 
     def save(self) -> None:
         s, step = self.s, self.step
@@ -199,6 +217,12 @@ class _Loop:
             best.update(value=value, tag=ckpt.tag_for(step))
         s.log.write({"kind": "eval", "step": step, **metrics, "best": best["value"]})
         return improved
+
+
+def _fresh_window() -> dict:
+    """What a logging window adds up (train_record turns it into the metrics.jsonl record)."""
+    return {"loss": 0.0, "finite": 0.0, "micro": 0, "wait": 0.0, "skipped": 0, "tokens": 0, "positions": 0,
+            "flops": 0.0, "t0": time.perf_counter()}
 
 
 def _forward_backward(task, engine, batch: dict, out: dict | None = None):
