@@ -407,8 +407,8 @@ def _instruct_one(ctx: Context, model_name: str) -> dict:
         # What decoder.qwen.compile does, from here on; not in the dry run (a CPU compiles for
         # minutes, and tests/test_qwen_switches.py checks the compiled layers' results).
         if compiled and not is_compiled and not ctx.dry_run:
-            for layer in decoder._causal_lm().model.layers:
-                layer.compile()
+            decoder.cfg.compile = True
+            decoder.prepare_training()
             is_compiled = True
         n = sizes[size]
         b, features = batch_of(n, packed)

@@ -94,6 +94,7 @@ def one_variant(model_dir: str, variant: str, batch: int, seq: int, steps: int, 
     dev = torch.device(device)
     dec = QwenDecoder(QwenConfig(model=model_dir, tune="lora", lora=LoraConfig(dropout=0.0), max_length=seq,
                                  **VARIANTS[variant]), dtype=DTYPES[dtype]).to(dev)
+    dec.prepare_training()  # as the instruct stage does (compiles the layers with compile: true)
     dec.train()
     n_prefix = 8
     data = examples(batch)

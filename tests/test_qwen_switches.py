@@ -30,6 +30,9 @@ def _step(qwen_dir, **switches):
     lora = switches.pop("lora", LoraConfig(dropout=0.0))
     torch.manual_seed(0)
     dec = QwenDecoder(QwenConfig(model=str(qwen_dir), tune="lora", lora=lora, max_length=64, **switches))
+    layers = dec._causal_lm().model.layers
+    assert all(layer._compiled_call_impl is None for layer in layers), "nothing compiles for answering"
+    dec.prepare_training()  # what the instruct stage calls
     dec.train()
     batch = dec.encode_examples(EXAMPLES, 4)
     prefix = torch.randn(len(EXAMPLES), 4, dec.width, generator=torch.Generator().manual_seed(1), requires_grad=True)

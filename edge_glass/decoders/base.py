@@ -82,7 +82,9 @@ class Decoder(Protocol):
         A decoder may lay training batches out otherwise (Qwen's `packing`: several examples per
         row); it then also defines `encode_eval_examples`, the one-row-per-example layout that
         evaluation uses (its batches are cut by example). A `num_tokens` entry (0-d, the real
-        tokens, padding excluded) gives the run's tokens/s and MFU over real tokens."""
+        tokens, padding excluded) gives the run's tokens/s and MFU over real tokens. A decoder
+        may also define `prepare_training()`, which the instruct stage calls once before training
+        (Qwen compiles its layers there with `compile: true`)."""
         ...
 
     def generation_inputs(self, examples: Sequence[dict], num_prefix_tokens: int) -> dict[str, Any]:

@@ -127,9 +127,13 @@ class QwenDecoder(nn.Module):
             # frozen base is fine with it; transformers applies it in training mode only.
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._apply_tune(model, cfg)
-        if cfg.compile:
-            # Per decoder layer, after LoRA is in place (its adapters are inside the layers): the
-            # layers share one compiled graph, and the head and loss stay eager.
+
+    def prepare_training(self) -> None:
+        """Training-only setup, called by the instruct stage: `compile` compiles each decoder
+        layer here, after LoRA is in place (its adapters live inside the layers); the layers share
+        one compiled graph, and the head and loss stay eager. Not at construction: a model loaded
+        for answering generates with a growing cache, whose changing shapes would recompile."""
+        if self.cfg.compile:
             for layer in self._causal_lm().model.layers:
                 layer.compile()
 

@@ -106,6 +106,8 @@ class InstructTask:
         self.cfg = cfg
         self.init_checkpoint = init_checkpoint if init_checkpoint is not None else resolve_init_checkpoint(cfg)
         self.model = build_instruct_model(cfg, train_split.manifest, self.init_checkpoint)
+        # Optional decoder hook (decoders/base.py): setup that training wants and answering does not.
+        getattr(self.model.decoder, "prepare_training", lambda: None)()
         self.modalities = list(cfg.decoder.prefix_modalities)
         self.batcher = InstructBatcher(cfg, self.model.decoder)
         self.loader_options = {"with_meta": True, "transform": self.batcher.train_batch}
