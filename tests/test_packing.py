@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_glass.decoders.base import IGNORE_INDEX
-from edge_glass.decoders.packing import collate_packed, pack_order
+from edge_glass.decoders.packing import collate_packed, flatten_rows, pack_order
 
 
 def test_pack_order_places_every_example_once_in_few_well_filled_rows():
@@ -169,3 +169,19 @@ def test_what_sits_in_a_packed_row_s_padding_changes_nothing(qwen_dir):
         changed = dict(batch, input_ids=torch.where(padding, torch.full_like(batch["input_ids"], 7), batch["input_ids"]))
         after = dec.batch_loss(prefix, changed)[0]
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_packed_rows_laid_end_to_end_give_the_same_loss(qwen_dir):
+    """The one-row layout flash-attention 2 gets (flatten_rows), checked here through SDPA, which
+    finds the same example boundaries from the restarting position ids."""
+    dec = _decoder(qwen_dir, True, chunk=None)
+    batch = dec.encode_examples(EXAMPLES, 4)
+    flat = flatten_rows(batch)
+    assert flat["input_ids"].shape == (1, batch["input_ids"].numel())
+    prefix = torch.randn(len(EXAMPLES), 4, dec.width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rows_loss = dec.batch_loss(prefix, batch)[0]
+        flat_loss = dec.batch_loss(prefix, flat)[0]
+    torch.testing.assert_close(flat_loss, rows_loss, rtol=1e-5, atol=1e-6)
+    # The prefix slots still hold the placeholder id, where each example put them.
+    assert (flat["input_ids"][0, flat["prefix_positions"].flatten()] == dec.pad_id).all()

@@ -14,8 +14,9 @@ Each example keeps the position ids it has alone (0, 1, 2, ... from its first to
 embeddings see the same positions as unpacked, and Hugging Face's models turn position ids that
 restart into attention that stays inside each example (a block-diagonal causal mask for SDPA and
 eager attention, `masking_utils.find_packed_sequence_indices`; variable-length kernels for
-flash-attention 2). That needs `attention_mask` to be None, which is why a packed batch has
-none. The row's tail of padding gets its own restarting positions, so it forms a segment of its
+flash-attention 2, which finds the boundaries only in a batch of one row: `flatten_rows` lays
+the rows end to end for it). That needs `attention_mask` to be None, which is why a packed batch
+has none. The row's tail of padding gets its own restarting positions, so it forms a segment of its
 own that no example attends to; its labels are -100.
 
 Losses are per token and an example's first token is its prompt's (never supervised), so no
@@ -108,3 +109,18 @@ def collate_packed(examples: Sequence[dict[str, list[int]]], pad_id: int, row_le
         position_ids[r, start:] = torch.arange(width - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "prefix_rows": prefix_rows,
             "prefix_positions": prefix_positions, "num_tokens": torch.tensor(sum(lengths), dtype=torch.long)}
+
+
+def flatten_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch as one row, its rows end to end (what flash-attention 2 needs in
+    transformers: it reads example boundaries from restarting position ids only in a batch of
+    one row, and would let a row's examples attend to each other otherwise). Each row starts a
+    segment anyway (its first example, or its padding, starts at position 0), and a row's first
+    token is a prompt's, never supervised, so the loss is unchanged."""
+    rows, width = batch["input_ids"].shape
+    out = dict(batch)
+    for name in ("input_ids", "labels", "position_ids"):
+        out[name] = batch[name].reshape(1, rows * width)
+    out["prefix_positions"] = batch["prefix_positions"] + batch["prefix_rows"] * width
+    out["prefix_rows"] = torch.zeros_like(batch["prefix_rows"])
+    return out

@@ -29,7 +29,7 @@ from torch import nn
 
 from edge_glass.config import QwenConfig
 from edge_glass.decoders.base import IGNORE_INDEX, Sampling, seeded
-from edge_glass.decoders.packing import collate_packed
+from edge_glass.decoders.packing import collate_packed, flatten_rows
 from edge_glass.decoders.qwen_chat import collate_examples, end_of_turn_id, placeholder_id, tokenize_example, tokenize_prompt
 from edge_glass.utils.errors import UserError
 
@@ -277,6 +277,8 @@ class QwenDecoder(nn.Module):
         ]}
 
     def batch_loss(self, prefix: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        if "position_ids" in batch and self.cfg.attention == "flash_attention_2":
+            batch = flatten_rows(batch)  # its kernels see example boundaries in one row only
         layout = _layout(batch)
         chunk_rows = getattr(self.cfg, "loss_chunk_rows", None)
         if chunk_rows is None:  # the plain path: every position's logits, Hugging Face's loss
