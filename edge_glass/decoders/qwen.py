@@ -47,32 +47,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _require_cuda_package(module: str, package: str, setting: str, instead: str) -> None:
+    """A UserError naming what `setting` lacks (the package, a CUDA GPU, or both) and what to set instead."""
+    missing = []
+    if importlib.util.find_spec(module) is None:
+        missing.append(f"the {package} package (pip install {package})")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if missing:
+        raise UserError(f"decoder.qwen.{setting} needs {' and '.join(missing)}; {instead}")
+
+
 def _attention(cfg: QwenConfig) -> str:
     """transformers' `attn_implementation` for `cfg.attention`, or a UserError naming what is missing."""
     if cfg.attention == "flash_attention_2":
-        missing = []
-        if importlib.util.find_spec("flash_attn") is None:
-            missing.append("the flash-attn package (pip install flash-attn)")
-        if not torch.cuda.is_available():
-            missing.append("a CUDA GPU")
-        if missing:
-            raise UserError(f"decoder.qwen.attention: flash_attention_2 needs {' and '.join(missing)}; "
-                            "use sdpa (torch's fused attention) instead")
+        _require_cuda_package("flash_attn", "flash-attn", "attention: flash_attention_2",
+                              "use sdpa (torch's fused attention) instead")
     return cfg.attention
 
 
 def _quantization_config(cfg: QwenConfig):
     """`BitsAndBytesConfig` for `cfg.quantize`, or a UserError naming what is missing."""
-    missing = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
-    if missing:
-        raise UserError(
-            f"decoder.qwen.quantize: {cfg.quantize!r} needs {' and '.join(missing)}; "
-            "set quantize: none to load the model unquantised"
-        )
+    _require_cuda_package("bitsandbytes", "bitsandbytes", f"quantize: {cfg.quantize!r}",
+                          "set quantize: none to load the model unquantised")
     if cfg.tune == "full":
         raise UserError("decoder.qwen.quantize: a quantised model cannot be fully fine-tuned; use tune: lora or frozen")
     from transformers import BitsAndBytesConfig
