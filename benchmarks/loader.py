@@ -9,8 +9,8 @@ Run with:
 ([576, 1024] float16, 1.18 MB a sample) and all-mpnet-base-v2-sized caption tokens ([8..32, 768]),
 with pooled vectors. Baseline, measured in the same run on the same batches: the machine's
 gather limit, a bare `torch.index_select` of the same token rows from memory into a
-preallocated buffer, with torch's default thread count and with one thread (the better of the
-two is the limit). The loader runs as the trainer runs it (shuffled windows, a ring of reused
+preallocated buffer (ordinary pages, and the huge pages the loader's buffers use), with torch's
+default thread count and with one thread (the best of these is the limit). The loader runs as the trainer runs it (shuffled windows, a ring of reused
 buffers, reader threads, prefetch), and its rate is the token bytes it delivers per second.
 Both are measured idle and again with one busy process per core competing for the CPU, as the
 other ranks, dataloaders and extraction do on a GPU box.
@@ -163,22 +163,33 @@ def batch_rows(store: Path, batch: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def gather_limit(arrays: list[torch.Tensor], batches: list[np.ndarray], threads: int, repeats: int) -> float:
+def limit_buffers(arrays: list[torch.Tensor], batch: int) -> list[list[torch.Tensor]]:
+    """Destinations for the bare gather, allocated once and first-touched: ordinary pages
+    (torch.empty) and the transparent huge pages the loader's own host buffers use
+    (batch_buffers.host_buffer); the limit is the better of the two."""
+    from edge_glass.features.batch_buffers import host_buffer
+
+    return [[allocate(batch * a.shape[1], dtype=a.dtype).view(batch, a.shape[1]).fill_(0) for a in arrays]
+            for allocate in (torch.empty, host_buffer)]
+
+
+def gather_limit(arrays: list[torch.Tensor], batches: list[np.ndarray], threads: int, repeats: int,
+                 destinations: list[list[torch.Tensor]]) -> float:
     """Bytes/s of index_select of each batch's rows of each array (per sample, flattened) from
-    memory into preallocated buffers."""
+    memory into preallocated buffers, the best over `destinations` (see limit_buffers)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        outs = [torch.empty((len(batches[0]), a.shape[1]), dtype=a.dtype) for a in arrays]
         index = [torch.from_numpy(b) for b in batches]
         per_sample = sum(a.shape[1] * a.element_size() for a in arrays)
         best = 0.0
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for idx in index:
-                for a, out in zip(arrays, outs):
-                    torch.index_select(a, 0, idx, out=out[: len(idx)])
-            best = max(best, sum(len(i) for i in index) * per_sample / (time.perf_counter() - t))
+        for outs in destinations:
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for idx in index:
+                    for a, out in zip(arrays, outs):
+                        torch.index_select(a, 0, idx, out=out[: len(idx)])
+                best = max(best, sum(len(i) for i in index) * per_sample / (time.perf_counter() - t))
         return best
     finally:
         torch.set_num_threads(previous)
@@ -201,9 +212,10 @@ def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: Featu
     and the median of the rounds' loader / limit ratios (this box's memory bandwidth moves by
     +-20 % from minute to minute, which a best-of-N would turn into a lucky limit)."""
     rounds = []
+    destinations = limit_buffers(arrays, len(batches[0]))
     for _ in range(repeats):
-        one = gather_limit(arrays, batches, 1, 1)
-        default = gather_limit(arrays, batches, torch.get_num_threads(), 1)
+        one = gather_limit(arrays, batches, 1, 1, destinations)
+        default = gather_limit(arrays, batches, torch.get_num_threads(), 1, destinations)
         rate, samples = loader_epoch(loader)
         rounds.append((one, default, rate, samples, rate / max(one, default)))
     med = [float(np.median([r[i] for r in rounds])) for i in range(5)]

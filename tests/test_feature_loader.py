@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from helpers.feature_world import feature_world
@@ -273,3 +275,27 @@ def test_a_process_that_leaves_an_epoch_unfinished_exits_at_once(world):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "left it unfinished" in proc.stdout, proc.stderr
     assert time.monotonic() - start < 60
+
+
+def test_host_buffers_hold_their_bytes_and_outlive_their_mapping():
+    """Huge-page host buffers (batch_buffers.host_buffer): every byte writable and kept, views
+    valid after the allocating call's locals are gone, small sizes from torch's allocator."""
+    import gc
+
+    from edge_glass.features.batch_buffers import BatchBuffers, host_buffer
+
+    numel = (5 << 20) // 2 + 3  # not a whole number of huge pages
+    t = host_buffer(numel, torch.float16)
+    assert t.shape == (numel,) and t.dtype == torch.float16
+    t.copy_(torch.arange(numel, dtype=torch.float32).remainder(2048).to(torch.float16))
+    view = t[-10:].clone()
+    del t
+    gc.collect()
+    buffers = BatchBuffers()
+    arr, tensor = buffers.get("x", (64, 576, 64), np.float16)  # 4.7 MB: a huge-page buffer
+    arr[:] = 1.5
+    small, _ = buffers.get("y", (3, 4), np.int64)  # below one huge page: torch.empty
+    small[:] = 7
+    gc.collect()
+    assert bool((tensor == 1.5).all()) and int(small.sum()) == 84
+    assert view.tolist() == [float(i % 2048) for i in range(numel - 10, numel)]
