@@ -141,7 +141,9 @@ def one_variant(model_dir: str, variant: str, batch: int, seq: int, steps: int, 
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     # GPU: the allocator's peak; CPU: how far resident memory rose above the loaded model during the steps.
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else (_status_kb("VmHWM") - before) * 1024
+    # (The high-water mark restarts at the current RSS, which may sit below `before` once the
+    # allocator has returned memory: then the steps raised nothing, a rise of 0.)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max(0, _status_kb("VmHWM") - before) * 1024
     return {"variant": variant, "batch": batch, "loss": loss, "step_s": seconds, "tokens_per_s": useful / seconds,
             "positions_per_s": positions / seconds, "useful_fraction": useful / positions,
             "supervised_fraction": supervised / positions, "rows": sum(b["input_ids"].shape[0] for b, _ in batches),
@@ -237,10 +239,10 @@ def _find_batch(args, model: Path, shape: str, console) -> list[dict]:
             console.print(f"{shape}: batch {batch} ran out of memory")
             break
         rows.append(r)
-        if r["peak_bytes"] > args.memory_limit_gb * 2**30:
+        if r["peak_bytes"] >= args.memory_limit_gb * 2**30:
             break
         batch *= 2
-    fits = [r for r in rows if r["peak_bytes"] <= args.memory_limit_gb * 2**30]
+    fits = [r for r in rows if r["peak_bytes"] < args.memory_limit_gb * 2**30]
     best = max(fits, key=lambda r: r["tokens_per_s"]) if fits else None
     console.print(_table(f"{shape}: packed, batch doubled up to {args.memory_limit_gb:g} GB step peak, {args.device}",
                          rows, rows[0]))

@@ -61,7 +61,8 @@ def test_collate_packed_puts_each_example_and_its_prefix_slots_in_its_span():
 def qwen_dir(tmp_path_factory):
     from edge_glass.local_models.build import build_local_models
 
-    return build_local_models(tmp_path_factory.mktemp("models"), include_real=False, seed=0)["qwen2-tiny"]
+    # The session's shared tiny models (built once, reused by other modules' fixtures).
+    return build_local_models(tmp_path_factory.getbasetemp() / "local-models", include_real=False)["qwen2-tiny"]
 
 
 EXAMPLES = [

@@ -20,7 +20,8 @@ EXAMPLES = [
 def qwen_dir(tmp_path_factory):
     from edge_glass.local_models.build import build_local_models
 
-    return build_local_models(tmp_path_factory.mktemp("models"), include_real=False, seed=0)["qwen2-tiny"]
+    # The session's shared tiny models (built once, reused by other modules' fixtures).
+    return build_local_models(tmp_path_factory.getbasetemp() / "local-models", include_real=False)["qwen2-tiny"]
 
 
 def _step(qwen_dir, **switches):
@@ -57,7 +58,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(qwen_dir):
     _assert_same(checkpointed, plain)
 
 
-def test_compiled_decoder_layers_give_the_same_loss_and_gradients(qwen_dir):
+def test_compiled_decoder_layers_give_the_same_loss_and_gradients(qwen_dir, monkeypatch):
+    # The same graphs (dynamo, then AOTAutograd's forward and backward) run by aot_eager rather
+    # than inductor: inductor's C++ code generation alone takes ~30 s on the CI's 2 cores, and
+    # what this checks is that the LoRA-wrapped layers trace and compute what eager ones do.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kwargs: compile_module(self, *args, **{**kwargs, "backend": "aot_eager"}))
     plain = _step(qwen_dir)
     compiled = _step(qwen_dir, compile=True)
     layers = compiled[0]._causal_lm().model.layers
