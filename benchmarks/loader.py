@@ -111,6 +111,17 @@ def make_store(root: Path, samples: int, shard_size: int, shapes: dict, formats=
     return root
 
 
+def anon_huge_pages() -> int:
+    """Bytes of this process's memory on transparent huge pages (0 where Linux does not say)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def warm(paths) -> None:
     for p in paths:
         with open(p, "rb") as f:
@@ -251,6 +262,10 @@ def run_vitl(args) -> None:
                                reader_threads=args.reader_threads)
         for _ in loader:
             pass
+        # The copy into 4 KiB pages runs at about half the speed (benchmarks/copy_paths.py): say
+        # whether the ring got its huge pages, so a slow run can be told from a fragmented one.
+        print(f"loader buffer ring: {sum(b.nbytes for b in loader.ring(0)) / 2**20:,.0f} MiB, "
+              f"process AnonHugePages: {anon_huge_pages() / 2**20:,.0f} MiB")
         ratios = {}
         for condition in ("idle", "loaded"):
             load = CompetingLoad() if condition == "loaded" else None

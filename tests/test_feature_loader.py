@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers.feature_world import feature_world
 
+from edge_glass.features import hdf5_shard
 from edge_glass.features.loader import FeatureLoader
 from edge_glass.features.store import open_store
 from edge_glass.utils.errors import UserError
@@ -212,12 +213,25 @@ def test_unshuffled_single_rank_pass_is_the_store_in_order(world):
 # --- batch contents -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["hdf5", "webdataset"])
-def test_padded_batches_hold_the_stored_values(world, backend):
+@pytest.mark.parametrize("backend,rows_read", [("hdf5", "per block"), ("hdf5", "per sample"), ("webdataset", "per block")])
+@pytest.mark.parametrize("reuse_buffers", [False, True])
+def test_padded_batches_hold_the_stored_values(world, backend, rows_read, reuse_buffers, monkeypatch):
+    """Each batch as the consumer gets it. With reused buffers the check runs in a second epoch,
+    so every slot already holds an earlier batch of other lengths: the padding must be written,
+    not found zero. HDF5 reads small token rows a block at a time and large ones a sample at a
+    time (one pread each); forcing the second covers that path at these tiny shapes."""
+    if rows_read == "per sample":
+        monkeypatch.setattr(hdf5_shard, "STAGE_BYTES_PER_SAMPLE", 0)
     split = open_store(world.store, "train", backend="hdf5")
     stored = {s["key"]: s for s in split}
     lengths_seen = set()
-    for batch in take(make_loader(world, backend, drop_last=False, seed=1), 2 * 19):
+    loader = make_loader(world, backend, drop_last=False, seed=1, reuse_buffers=reuse_buffers, reader_threads=2)
+    if reuse_buffers:
+        for _ in loader:  # dirties the ring
+            pass
+    checked = 0
+    for batch in loader:
+        checked += 1
         for m in MODALITIES:
             tokens, mask, pooled = batch[m]["tokens"], batch[m]["mask"], batch[m]["pooled"]
             assert tokens.dtype == pooled.dtype == torch.float16 and mask.dtype == torch.bool
@@ -232,11 +246,12 @@ def test_padded_batches_hold_the_stored_values(world, backend):
                 assert mask[i, :n].all() and not mask[i, n:].any()
                 # ... which hold the stored rows, and everything after is zero.
                 assert torch.equal(tokens[i, :n], torch.from_numpy(want))
-                assert not tokens[i, n:].any()
+                assert not tokens[i, n:].any(), (key, m, n)
                 assert torch.equal(pooled[i], torch.from_numpy(stored[key][f"{m}_pooled"]))
             assert tokens.shape[1] == longest  # padded to the batch's own longest sample
             assert batch["captions"] == [stored[k]["caption"] for k in batch["keys"]]
-    # The text lengths really vary, so padding was exercised, not just the fixed-length path.
+    assert checked == len(loader) > 3
+    # The lengths really vary, so padding was exercised, not just the fixed-length path.
     assert len({n for m, n in lengths_seen if m == "text"}) > 1
 
 

@@ -224,8 +224,8 @@ class FeatureLoader:
 
 def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffers, layouts: dict, dequant: dict) -> dict:
     """Batch k collated into `buffers`: per modality `tokens` [B, T, W] as stored (zero past each
-    length), `mask` [B, T], `pooled` [B, P], and for a quantised store `scales` [B, T, G] with
-    what `quantize.dequantize_features` needs."""
+    length, written by the backends' `copy_many`), `mask` [B, T], `pooled` [B, P], and for a
+    quantised store `scales` [B, T, G] with what `quantize.dequantize_features` needs."""
     which, rows = plan.batch(k)
     index: dict[int, BlockIndex] = {}
     for w in plan.batch_windows(k):
@@ -235,7 +235,7 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
     # plan): each block fills one contiguous run of the batch, which its backend copies with one
     # lookup, and for rows held in memory one `np.take`. Order within a batch means nothing to
     # the losses.
-    order = np.argsort(which, kind="stable")
+    order = which.argsort(kind="stable")
     which, rows = which[order], rows[order]
     cuts = np.flatnonzero(np.diff(which)) + 1
     bounds = np.concatenate([[0], cuts, [n]]).tolist() if n else [0]
@@ -259,15 +259,10 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
             index[b].copy_many(m, r, tokens[lo:hi], None if scales is None else scales[lo:hi])
         mask, mask_t = buffers.get(f"{m}.mask", (n, t_max), np.bool_)
         np.less(np.arange(t_max), lengths[:, None], out=mask)
-        if (lengths < t_max).any():  # padding: the buffers are reused, so zero it
-            pad = ~mask
-            tokens[pad] = 0
-            if scales is not None:
-                scales[pad] = 0
         first = index[groups[0][0]].pooled[m] if n else np.zeros((0, 0), np.float16)
         pooled, pooled_t = buffers.get(f"{m}.pooled", (n, first.shape[1]), first.dtype)
         for b, r, lo, hi in groups:
-            np.take(index[b].pooled[m], r, axis=0, out=pooled[lo:hi], mode="clip")
+            index[b].pooled[m].take(r, axis=0, out=pooled[lo:hi], mode="clip")
         entry = {"tokens": tokens_t, "mask": mask_t, "pooled": pooled_t}
         if layout.quantized:
             entry.update(scales=scales_t, **dequant[m])
@@ -277,34 +272,40 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
 
 class _WindowCache:
     """The `BlockIndex`es of the windows batches in flight draw from, each read once, shared by
-    the reader threads, dropped when the consumer is past the window's last batch."""
+    the reader threads, dropped when the consumer is past the window's last batch.
+
+    The blocks of a window are read by whichever threads need them first, one block at a time
+    each: a thread takes the next block nobody has started, so two threads reaching a new window
+    together split its reads instead of one reading all of it while the other waits."""
 
     def __init__(self, split: FeatureSplit, plan: EpochPlan, modalities: list[str], with_meta: bool,
                  release_pages: bool) -> None:
         self.split, self.plan, self.modalities, self.with_meta = split, plan, modalities, with_meta
         self.release_pages = release_pages
-        self._windows: dict[int, _Pending] = {}
+        self._windows: dict[int, dict[int, _Pending]] = {}
         self._lock = threading.Lock()
 
     def window(self, w: int) -> dict[int, BlockIndex]:
         with self._lock:
-            entry = self._windows.get(w)
-            mine = entry is None
-            if mine:
-                entry = self._windows[w] = _Pending()
-        if mine:
+            entries = self._windows.get(w)
+            if entries is None:
+                entries = self._windows[w] = {b: _Pending() for b in self.plan.window_blocks_of(w)}
+        for b, entry in entries.items():
+            with self._lock:
+                mine = not entry.started
+                entry.started = True
+            if not mine:
+                continue
             try:
-                entry.value = {
-                    b: self.split.read_index(*map(int, self.plan.blocks[b]), self.modalities, self.with_meta)
-                    for b in self.plan.window_blocks_of(w)
-                }
+                entry.value = self.split.read_index(*map(int, self.plan.blocks[b]), self.modalities, self.with_meta)
             except BaseException as e:
                 entry.error = e
                 with self._lock:
-                    self._windows.pop(w, None)  # a later attempt reads it afresh
+                    if self._windows.get(w) is entries:
+                        del self._windows[w]  # a later attempt reads it afresh
             finally:
                 entry.ready.set()
-        return entry.result()
+        return {b: entry.result() for b, entry in entries.items()}
 
     def consumed(self, k: int) -> None:
         """Batch k has been consumed: drop the windows no later batch draws from."""
@@ -312,16 +313,17 @@ class _WindowCache:
             done = [w for w in self._windows if self.plan.last_batch_of_window(w) <= k]
             dropped = [self._windows.pop(w) for w in done]
         if self.release_pages:
-            for entry in dropped:
-                if entry.ready.is_set() and entry.error is None:
-                    for block in entry.value.values():
-                        block.release_pages()
+            for entries in dropped:
+                for entry in entries.values():
+                    if entry.ready.is_set() and entry.error is None:
+                        entry.value.release_pages()
 
 
 class _Pending:
-    """A value one thread computes and others wait for."""
+    """A value one thread computes (the one that set `started`) and others wait for."""
 
     def __init__(self) -> None:
+        self.started = False
         self.ready = threading.Event()
         self.value = None
         self.error: BaseException | None = None

@@ -183,6 +183,8 @@ class CachedShard:
     def __init__(self, path, cache: ShardCache | None = None, expected_bytes: int | None = None,
                  num_samples: int | None = None) -> None:
         self.path = Path(path)
+        # Hashed on every cache lookup (several per batch and block): a Path rehashes its parts.
+        self._hash = hash(self.path)
         self.expected_bytes = expected_bytes
         self._num_samples = num_samples
         self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
@@ -191,7 +193,7 @@ class CachedShard:
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, type(self)) and other.path == self.path
+        return self is other or (isinstance(other, type(self)) and other.path == self.path)
 
     def __hash__(self) -> int:
-        return hash(self.path)
+        return self._hash
