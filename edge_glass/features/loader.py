@@ -272,40 +272,34 @@ def gather(plan: EpochPlan, k: int, blocks: "_WindowCache", buffers: BatchBuffer
 
 class _WindowCache:
     """The `BlockIndex`es of the windows batches in flight draw from, each read once, shared by
-    the reader threads, dropped when the consumer is past the window's last batch.
-
-    The blocks of a window are read by whichever threads need them first, one block at a time
-    each: a thread takes the next block nobody has started, so two threads reaching a new window
-    together split its reads instead of one reading all of it while the other waits."""
+    the reader threads, dropped when the consumer is past the window's last batch."""
 
     def __init__(self, split: FeatureSplit, plan: EpochPlan, modalities: list[str], with_meta: bool,
                  release_pages: bool) -> None:
         self.split, self.plan, self.modalities, self.with_meta = split, plan, modalities, with_meta
         self.release_pages = release_pages
-        self._windows: dict[int, dict[int, _Pending]] = {}
+        self._windows: dict[int, _Pending] = {}
         self._lock = threading.Lock()
 
     def window(self, w: int) -> dict[int, BlockIndex]:
         with self._lock:
-            entries = self._windows.get(w)
-            if entries is None:
-                entries = self._windows[w] = {b: _Pending() for b in self.plan.window_blocks_of(w)}
-        for b, entry in entries.items():
-            with self._lock:
-                mine = not entry.started
-                entry.started = True
-            if not mine:
-                continue
+            entry = self._windows.get(w)
+            mine = entry is None
+            if mine:
+                entry = self._windows[w] = _Pending()
+        if mine:
             try:
-                entry.value = self.split.read_index(*map(int, self.plan.blocks[b]), self.modalities, self.with_meta)
+                entry.value = {
+                    b: self.split.read_index(*map(int, self.plan.blocks[b]), self.modalities, self.with_meta)
+                    for b in self.plan.window_blocks_of(w)
+                }
             except BaseException as e:
                 entry.error = e
                 with self._lock:
-                    if self._windows.get(w) is entries:
-                        del self._windows[w]  # a later attempt reads it afresh
+                    self._windows.pop(w, None)  # a later attempt reads it afresh
             finally:
                 entry.ready.set()
-        return {b: entry.result() for b, entry in entries.items()}
+        return entry.result()
 
     def consumed(self, k: int) -> None:
         """Batch k has been consumed: drop the windows no later batch draws from."""
@@ -313,17 +307,16 @@ class _WindowCache:
             done = [w for w in self._windows if self.plan.last_batch_of_window(w) <= k]
             dropped = [self._windows.pop(w) for w in done]
         if self.release_pages:
-            for entries in dropped:
-                for entry in entries.values():
-                    if entry.ready.is_set() and entry.error is None:
-                        entry.value.release_pages()
+            for entry in dropped:
+                if entry.ready.is_set() and entry.error is None:
+                    for block in entry.value.values():
+                        block.release_pages()
 
 
 class _Pending:
-    """A value one thread computes (the one that set `started`) and others wait for."""
+    """A value one thread computes and others wait for."""
 
     def __init__(self) -> None:
-        self.started = False
         self.ready = threading.Event()
         self.value = None
         self.error: BaseException | None = None
