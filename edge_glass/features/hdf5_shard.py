@@ -35,10 +35,10 @@ from edge_glass.utils.errors import UserError
 _STR = h5py.string_dtype("utf-8")
 STAGE_BYTES_PER_SAMPLE = 16 * 1024
 """A block whose token rows average at most this per sample is read whole, once (see read_index).
-A read per sample costs ~6 us besides its copy (system call, Python, zeroing the padding); a
-block read whole moves its bytes twice (into memory, then into the batch) and costs about
-0.4 ns a byte more: even at ~16 KB a sample. Caption tokens of a 768-wide text encoder in fp16
-(~30 KB a sample) took 0.57 ms a batch of 64 read per sample against 0.94 ms read whole."""
+A read per sample has a fixed cost of a few microseconds (system call, Python, zeroing the
+padding); a block read whole moves its bytes twice (into memory, then into the batch), which
+at 10 GB/s costs as much once a sample passes ~16 KB. Caption tokens of a 768-wide text encoder
+in fp16 are ~30 KB a sample, and were what read-whole blocks slowed in `benchmarks/loader.py`."""
 
 
 def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
