@@ -292,3 +292,22 @@ def test_verify_cli_names_a_corrupt_shard_and_exits_1(store_copy):
     assert bad.returncode == 1
     assert f"{tar}: sha256 differs from the manifest" in bad.stderr
     assert "1 problem(s)" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_shard_with_fewer_strings_than_samples_is_named_not_read_short(store_copy):
+    """A crafted or damaged shard whose `captions` dataset lost entries: h5py's slicing would
+    return the shorter list without a word (and batches would pair captions with the wrong
+    features); the reader's low-level string read says which shard and what is missing."""
+    split = open_store(store_copy, "train", backend="hdf5")
+    n = int(split.shard_sizes[0])
+    path = store_copy / "train" / "shard-000000.h5"
+    with h5py.File(path, "r+") as f:
+        kept = f["captions"][: n - 2]
+        del f["captions"]
+        f.create_dataset("captions", data=kept, dtype=h5py.string_dtype("utf-8"))
+    split = open_store(store_copy, "train", backend="hdf5")
+    with pytest.raises(UserError, match=r"shard-000000\.h5.*captions.*outside its"):
+        split.read_index(0, n, split.modalities, with_meta=False)
+    # The samples before the cut still read, with their own captions.
+    block = split.read_index(0, n - 2, split.modalities, with_meta=False)
+    assert block.captions == [c.decode() for c in kept]
