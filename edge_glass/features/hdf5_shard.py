@@ -181,7 +181,7 @@ class _OpenHdf5:
         n = max(stop - start, 0)
         if start < 0 or start + n > a.shape[0]:
             raise UserError(f"{self.path}: strings {start}..{stop - 1} of {name} are outside its {a.shape[0]} rows "
-                            "(corrupt offsets); re-run extraction with --overwrite")
+                            "(a damaged shard: fewer strings than samples); re-run extraction with --overwrite")
         out = np.empty(n, dtype=_STR)
         if n:
             try:
