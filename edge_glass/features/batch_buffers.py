@@ -41,7 +41,8 @@ class BatchBuffers:
         self.pin_memory = pin_memory
         self._flat: dict[str, torch.Tensor] = {}
         # The last views made of each buffer: most batches have the shapes of the one before,
-        # and making the pair costs ~20 us, which reader threads pay holding the GIL.
+        # and a dict lookup is cheaper than making the torch and numpy views again, which the
+        # reader threads do holding the GIL.
         self._views: dict[str, tuple[tuple, np.dtype, np.ndarray, torch.Tensor]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:

@@ -112,8 +112,8 @@ def copy_rows(rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray, samples
     When every sample of the block has the same length and fills the buffer's rows, it is one
     `np.take` (mode "clip": the default "raise" mode copies through a temporary, at a third of
     the speed). Otherwise, given `zero_row` (the index of an all-zero row of `rows`), it is one
-    `np.take` of a flat row index whose padding slots point at that row: half the time of a
-    Python loop of slice copies with the padding zeroed after, at caption sizes."""
+    `np.take` of a flat row index whose padding slots point at that row, instead of a Python
+    loop of two slice assignments per sample."""
     t = out.shape[1]
     block_rows = len(rows) - (zero_row is not None)
     if len(lengths) and t and (lengths == t).all() and block_rows == len(lengths) * t:

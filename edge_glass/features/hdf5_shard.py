@@ -175,8 +175,10 @@ class _OpenHdf5:
     def strings(self, name: str, start: int, stop: int) -> list[str]:
         """Strings [start, stop) of dataset `name`, read through h5py's low-level API on a
         dataset id opened once per open file: the loader reads two or three string slices per
-        block, and the high-level `file[name][a:b]` spent ~200 us on each, most of it resolving
-        the name and building the selection (the low-level read: ~50 us)."""
+        block, and the high-level `file[name][a:b]` resolves the name and builds a selection
+        on every call, in the reader thread, holding the GIL. The range is checked here because
+        h5py's slicing clips it: a shard with fewer strings than samples would give a short
+        list, and captions paired with the wrong features."""
         a = self.array(name)  # a missing dataset is a clear error
         n = max(stop - start, 0)
         if start < 0 or start + n > a.shape[0]:
