@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -206,6 +207,48 @@ def gather_limit(arrays: list[torch.Tensor], batches: list[np.ndarray], threads:
         torch.set_num_threads(previous)
 
 
+def sample_reads(split_dir: Path, batches: list[np.ndarray], slot_bytes: int) -> tuple[list[int], list[list[tuple]]]:
+    """Open descriptors of the shards, and per batch its reads as (shard, file offset, bytes,
+    offset in the destination): each sample's vision rows, then its caption rows, into the
+    sample's `slot_bytes` slot. Located once through h5py, outside any timing."""
+    fds, per_sample = [], []
+    for k, path in enumerate(sorted(split_dir.glob("shard-*.h5"))):
+        with h5py.File(path, "r") as f:
+            where = {}
+            for m in ("vision", "text"):
+                tokens, offsets = f[m]["tokens"], f[m]["offsets"][:]
+                row = tokens.shape[1] * tokens.dtype.itemsize
+                where[m] = [(tokens.id.get_offset() + a * row, (b - a) * row)
+                            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+            vision_bytes = where["vision"][0][1]
+            per_sample += [[(k, *v, 0), (k, *t, vision_bytes)] for v, t in zip(where["vision"], where["text"])]
+        fds.append(os.open(path, os.O_RDONLY))
+    return fds, [[(shard, offset, nbytes, j * slot_bytes + at) for j, i in enumerate(b.tolist())
+                  for shard, offset, nbytes, at in per_sample[i]] for b in batches]
+
+
+def pread_ceiling(fds: list[int], reads: list[list[tuple]], samples: int, per_sample: int, threads: int,
+                  destinations: list[np.ndarray]) -> float:
+    """Bytes/s (counted as the limit counts them) of the kernel's page-cache copy alone: `threads`
+    threads (as many as the loader's readers) each `os.preadv` every sample of every other batch
+    into a reused huge-page buffer (what the loader's ring is), and nothing else: no padding
+    written, no metadata, no hand-off. About what any reader built on `pread` can reach here."""
+
+    def work(t: int) -> None:
+        out, preadv = destinations[t], os.preadv
+        for batch in reads[t::threads]:
+            for shard, offset, nbytes, at in batch:
+                preadv(fds[shard], [out[at : at + nbytes]], offset)
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    start = time.perf_counter()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return samples * per_sample / (time.perf_counter() - start)
+
+
 def loader_epoch(loader: FeatureLoader) -> tuple[float, float]:
     """(token bytes/s, samples/s) of one epoch of `loader`."""
     n = nbytes = 0
@@ -217,20 +260,38 @@ def loader_epoch(loader: FeatureLoader) -> tuple[float, float]:
     return nbytes / elapsed, n / elapsed
 
 
-def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: FeatureLoader, repeats: int) -> dict:
-    """`repeats` rounds, each timing the bare gather (1 thread, default threads) and one loader
-    epoch back to back, so a slow patch of a shared machine hits all three alike; the medians,
-    and the median of the rounds' loader / limit ratios (this box's memory bandwidth moves by
-    +-20 % from minute to minute, which a best-of-N would turn into a lucky limit)."""
+def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: FeatureLoader, repeats: int,
+            split_dir: Path) -> dict:
+    """`repeats` rounds, each timing the bare gather (1 thread, default threads), the bare
+    `pread` copy and one loader epoch back to back, so a slow patch of a shared machine hits
+    them all alike; the medians, and the medians of the rounds' ratios (this box's memory
+    bandwidth moves by +-20 % from minute to minute, which a best-of-N would turn into a lucky
+    limit)."""
     rounds = []
     destinations = limit_buffers(arrays, len(batches[0]))
-    for _ in range(repeats):
-        one = gather_limit(arrays, batches, 1, 1, destinations)
-        default = gather_limit(arrays, batches, torch.get_num_threads(), 1, destinations)
-        rate, samples = loader_epoch(loader)
-        rounds.append((one, default, rate, samples, rate / max(one, default)))
-    med = [float(np.median([r[i] for r in rounds])) for i in range(5)]
-    return {"one": med[0], "default": med[1], "loader": (med[2], med[3]), "ratio": med[4]}
+    per_sample = sum(a.shape[1] * a.element_size() for a in arrays)
+    slot = per_sample  # vision rows, then room for the longest caption's rows
+    fds, reads = sample_reads(split_dir, batches, slot)
+    total = sum(len(b) for b in batches)
+    from edge_glass.features.batch_buffers import host_buffer
+
+    pread_out = [host_buffer(len(batches[0]) * slot, torch.uint8).numpy() for _ in range(loader.reader_threads)]
+    for out in pread_out:
+        out[:] = 0  # first touch outside the timing, as the loader's ring after its first epoch
+    try:
+        for _ in range(repeats):
+            one = gather_limit(arrays, batches, 1, 1, destinations)
+            default = gather_limit(arrays, batches, torch.get_num_threads(), 1, destinations)
+            pread = pread_ceiling(fds, reads, total, per_sample, loader.reader_threads, pread_out)
+            rate, samples = loader_epoch(loader)
+            limit = max(one, default)
+            rounds.append((one, default, rate, samples, rate / limit, pread, pread / limit, rate / pread))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    med = [float(np.median([r[i] for r in rounds])) for i in range(8)]
+    return {"one": med[0], "default": med[1], "loader": (med[2], med[3]), "ratio": med[4], "pread": med[5],
+            "pread_ratio": med[6], "loader_of_pread": med[7]}
 
 
 def run_vitl(args) -> None:
@@ -255,7 +316,7 @@ def run_vitl(args) -> None:
               f"shards of {args.shard_size}; batch {args.batch}; reader threads {threads}; medians of {args.repeats} "
               f"rounds (ratio: the median of each round's loader / limit)")
         print(f"{'condition':<10}{'gather limit GB/s':>19}{'(1 thread / default)':>23}{'loader GB/s':>13}"
-              f"{'samples/s':>11}{'ratio':>8}")
+              f"{'samples/s':>11}{'ratio':>8}{'pread GB/s':>12}{'pread/limit':>13}{'loader/pread':>14}")
         # As the trainer runs it: one loader, epoch after epoch; the first epoch (which allocates
         # and first touches the buffer ring) is not timed.
         loader = FeatureLoader(open_store(root, "train"), args.batch, seed=0, reuse_buffers=True,
@@ -272,17 +333,22 @@ def run_vitl(args) -> None:
             if load:
                 load.__enter__()
             try:
-                best = measure(arrays, batches, loader, args.repeats)
+                best = measure(arrays, batches, loader, args.repeats, split)
             finally:
                 if load:
                     load.__exit__(None, None, None)
             one, default = best["one"], best["default"]
             limit = max(one, default)
             rate, samples = best["loader"]
-            ratios[condition] = best["ratio"]
+            ratios[condition] = best
             print(f"{condition:<10}{limit / 1e9:>19.2f}{f'({one / 1e9:.2f} / {default / 1e9:.2f})':>23}"
-                  f"{rate / 1e9:>13.2f}{samples:>11,.0f}{best['ratio']:>8.2f}")
-        print(f"RATIO loader/gather_limit idle={ratios['idle']:.2f} loaded={ratios['loaded']:.2f}")
+                  f"{rate / 1e9:>13.2f}{samples:>11,.0f}{best['ratio']:>8.2f}{best['pread'] / 1e9:>12.2f}"
+                  f"{best['pread_ratio']:>13.2f}{best['loader_of_pread']:>14.2f}")
+        print(f"RATIO loader/gather_limit idle={ratios['idle']['ratio']:.2f} loaded={ratios['loaded']['ratio']:.2f}")
+        print(f"RATIO pread/gather_limit idle={ratios['idle']['pread_ratio']:.2f} "
+              f"loaded={ratios['loaded']['pread_ratio']:.2f}")
+        print(f"RATIO loader/pread idle={ratios['idle']['loader_of_pread']:.2f} "
+              f"loaded={ratios['loaded']['loader_of_pread']:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
