@@ -12,8 +12,12 @@ gather limit, a bare `torch.index_select` of the same token rows from memory int
 preallocated buffer (ordinary pages, and the huge pages the loader's buffers use), with torch's
 default thread count and with one thread (the best of these is the limit). The loader runs as the trainer runs it (shuffled windows, a ring of reused
 buffers, reader threads, prefetch), and its rate is the token bytes it delivers per second.
-Both are measured idle and again with one busy process per core competing for the CPU, as the
-other ranks, dataloaders and extraction do on a GPU box.
+A second baseline, also in the same run: the kernel's page-cache copy alone (`os.preadv` of
+each sample's rows into a reused huge-page buffer, as many threads as the loader has readers,
+nothing else), which is as fast as any reader built on `pread` can be here; `pread/limit` says
+how much of the limit that copy leaves, `loader/pread` how much of the copy's rate the loader
+keeps. All are measured idle and again with one busy process per core competing for the CPU,
+as the other ranks, dataloaders and extraction do on a GPU box.
 
 `--shape small`: the previous benchmark's store ([50, 256] tokens for three modalities) against
 bare h5py slices and the `webdataset` library, for continuity with older figures.

@@ -7,6 +7,7 @@ Run with: python -m pytest tests/test_benchmarks.py -q
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import pytest
@@ -54,9 +55,45 @@ def test_loader_benchmark_compares_the_same_batches_with_the_gather_limit(tmp_pa
     # The gather limit reads the very samples the loader's batches hold, batch for batch.
     for rows, batch in zip(batches, feature_loader):
         assert sorted(batch["keys"]) == sorted(f"train-{i:08d}" for i in rows)
-    vision = torch.from_numpy(open_store(tmp_path, "train").read(0, 64, ["vision"]).modalities["vision"].tokens.reshape(64, -1))
-    result = loader.measure([vision], batches, feature_loader, repeats=2)
-    assert all(np.isfinite(v) and v > 0 for v in (result["one"], result["default"], *result["loader"], result["ratio"]))
+    whole = open_store(tmp_path, "train").read(0, 64, ["vision", "text"])
+    vision = torch.from_numpy(whole.modalities["vision"].tokens.reshape(64, -1))
+    text = torch.zeros(64, 5 * 8, dtype=torch.float16)  # captions padded to the longest (5 rows)
+    result = loader.measure([vision, text], batches, feature_loader, repeats=2, split_dir=tmp_path / "train")
+    figures = (result["one"], result["default"], *result["loader"], result["ratio"], result["pread"],
+               result["pread_ratio"], result["loader_of_pread"])
+    assert all(np.isfinite(v) and v > 0 for v in figures)
+
+
+def test_loader_benchmark_pread_baseline_copies_each_samples_stored_rows(tmp_path):
+    """The kernel-copy baseline moves the bytes the loader's batches hold: each sample's vision
+    rows, then its caption rows, into the sample's slot."""
+    import loader
+    import numpy as np
+    import torch
+
+    from edge_glass.features import open_store
+    from edge_glass.features.batch_buffers import host_buffer
+
+    loader.make_store(tmp_path, 48, 16, {"vision": (5, 8, 8), "text": ((2, 6), 8, 8)})
+    batches = loader.batch_rows(tmp_path, 8, seed=0)
+    whole = open_store(tmp_path, "train").read(0, 48, ["vision", "text"])
+    vision, text = whole.modalities["vision"], whole.modalities["text"]
+    slot = (5 + 5) * 8 * 2  # vision rows, then room for the longest caption (5 rows of 8 fp16)
+    fds, reads = loader.sample_reads(tmp_path / "train", batches, slot)
+    try:
+        for threads in (1, 2):
+            outs = [host_buffer(8 * slot, torch.uint8).numpy() for _ in range(threads)]
+            rate = loader.pread_ceiling(fds, reads[:threads], 8 * threads, slot, threads, outs)
+            assert np.isfinite(rate) and rate > 0
+            for t in range(threads):
+                got = outs[t].view(np.float16).reshape(8, 10, 8)
+                for j, i in enumerate(batches[t].tolist()):
+                    n = int(text.lengths[i])
+                    np.testing.assert_array_equal(got[j, :5], vision.tokens[5 * i : 5 * i + 5])
+                    np.testing.assert_array_equal(got[j, 5 : 5 + n], text.tokens[text.offsets[i] : text.offsets[i] + n])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_scale_benchmark_measures_a_store_in_bounded_resources(tmp_path):
