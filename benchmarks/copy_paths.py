@@ -25,14 +25,12 @@ import argparse
 import mmap
 import shutil
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from loader import SHAPES, CompetingLoad, machine, make_store, warm
+from loader import SHAPES, CompetingLoad, machine, make_store, run_threads, warm
 
 
 
@@ -89,13 +87,7 @@ def copy_rate(path: str, fds, where, batches, sample_bytes: int, threads: int, l
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # one copy per Python thread, as the loader's readers
     try:
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        start = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        return len(batches) * len(batches[0]) * sample_bytes / (time.perf_counter() - start)
+        return len(batches) * len(batches[0]) * sample_bytes / run_threads(work, threads)
     finally:
         torch.set_num_threads(previous)
 

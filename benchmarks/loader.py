@@ -244,13 +244,18 @@ def pread_ceiling(fds: list[int], reads: list[list[tuple]], samples: int, per_sa
             for shard, offset, nbytes, at in batch:
                 preadv(fds[shard], [out[at : at + nbytes]], offset)
 
+    return samples * per_sample / run_threads(work, threads)
+
+
+def run_threads(work, threads: int) -> float:
+    """Seconds for `threads` threads running work(0) .. work(threads - 1) to all finish."""
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     start = time.perf_counter()
     for th in pool:
         th.start()
     for th in pool:
         th.join()
-    return samples * per_sample / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def loader_epoch(loader: FeatureLoader) -> tuple[float, float]:
