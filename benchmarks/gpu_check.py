@@ -238,7 +238,7 @@ def loader(ctx: Context) -> dict:
         if load:
             load.__enter__()
         try:
-            best = measure(arrays, batches, feature_loader, 2 if ctx.dry_run else 5)
+            best = measure(arrays, batches, feature_loader, 2 if ctx.dry_run else 5, root / "train")
         finally:
             if load:
                 load.__exit__(None, None, None)
@@ -246,6 +246,8 @@ def loader(ctx: Context) -> dict:
         metrics[f"{condition}_gather_limit_gb_s"] = limit / 1e9
         metrics[f"{condition}_loader_gb_s"] = best["loader"][0] / 1e9
         metrics[f"{condition}_ratio"] = best["ratio"]
+        metrics[f"{condition}_pread_ratio"] = best["pread_ratio"]
+        metrics[f"{condition}_loader_of_pread"] = best["loader_of_pread"]
     shutil.rmtree(root, ignore_errors=True)
     return {"what": f"{samples} samples of [576, 1024] + [8..32, 768] float16 tokens, batch 64, "
                     f"{metrics['reader_threads']} reader threads, {os.cpu_count()} cores", "metrics": metrics}
@@ -493,6 +495,9 @@ TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
         ("idle_gather_limit_gb_s", "gather limit (bare index_select), idle", "{:,.2f} GB/s"),
         ("idle_ratio", "loader / gather limit, idle (target >= 0.8)", "{:.2f}"),
         ("loaded_ratio", "loader / gather limit, a busy process per core (target >= 0.8)", "{:.2f}"),
+        ("idle_pread_ratio", "kernel pread copy alone / gather limit, idle", "{:.2f}"),
+        ("idle_loader_of_pread", "loader / kernel pread copy, idle", "{:.2f}"),
+        ("loaded_loader_of_pread", "loader / kernel pread copy, loaded", "{:.2f}"),
     ]),
     "align": ("(ii) align stage", [
         ("extract_samples_per_s", "`extract_store` end to end, 3 encoders", "{:,.1f} samples/s"),
