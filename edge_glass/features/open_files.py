@@ -159,6 +159,10 @@ class ShardCache:
 
     def _evict(self, room_for: int = 0) -> None:
         """Close idle shards, oldest first, until `room_for` more fit (caller holds the lock)."""
+        if len(self._open) + room_for <= self.capacity:
+            # The common case, checked before listing the open shards: this runs on every use,
+            # dozens of times per batch, in the reader threads, holding the GIL.
+            return
         for key in list(self._open):
             if len(self._open) + room_for <= self.capacity:
                 return
@@ -183,8 +187,11 @@ class CachedShard:
     def __init__(self, path, cache: ShardCache | None = None, expected_bytes: int | None = None,
                  num_samples: int | None = None) -> None:
         self.path = Path(path)
-        # Hashed on every cache lookup (several per batch and block): a Path rehashes its parts.
-        self._hash = hash(self.path)
+        # Hashed and compared on every cache lookup (dozens per batch): a Path rehashes its parts
+        # and compares them in Python, and readers made on demand are equal objects, not the
+        # same one, so the dict lookup calls __eq__. A string does both in C.
+        self._key = str(self.path)
+        self._hash = hash(self._key)
         self.expected_bytes = expected_bytes
         self._num_samples = num_samples
         self.cache = cache if cache is not None else ShardCache(1, lambda shard: shard.open())
@@ -193,7 +200,7 @@ class CachedShard:
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, type(self)) and other.path == self.path)
+        return self is other or (isinstance(other, type(self)) and other._key == self._key)
 
     def __hash__(self) -> int:
         return self._hash
