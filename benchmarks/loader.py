@@ -227,6 +227,12 @@ def sample_reads(split_dir: Path, batches: list[np.ndarray], slot_bytes: int) ->
             vision_bytes = where["vision"][0][1]
             per_sample += [[(k, *v, 0), (k, *t, vision_bytes)] for v, t in zip(where["vision"], where["text"])]
         fds.append(os.open(path, os.O_RDONLY))
+    longest = max(sum(nbytes for _, _, nbytes, _ in reads) for reads in per_sample)
+    if longest > slot_bytes:
+        # A short slice would make preadv read less, silently, and the rate count bytes never moved.
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"a sample's rows ({longest} bytes) do not fit its {slot_bytes}-byte slot")
     return fds, [[(shard, offset, nbytes, j * slot_bytes + at) for j, i in enumerate(b.tolist())
                   for shard, offset, nbytes, at in per_sample[i]] for b in batches]
 

@@ -79,6 +79,8 @@ def test_loader_benchmark_pread_baseline_copies_each_samples_stored_rows(tmp_pat
     whole = open_store(tmp_path, "train").read(0, 48, ["vision", "text"])
     vision, text = whole.modalities["vision"], whole.modalities["text"]
     slot = (5 + 5) * 8 * 2  # vision rows, then room for the longest caption (5 rows of 8 fp16)
+    with pytest.raises(ValueError, match="do not fit"):
+        loader.sample_reads(tmp_path / "train", batches, slot - 2)  # no room for the longest caption
     fds, reads = loader.sample_reads(tmp_path / "train", batches, slot)
     try:
         for threads in (1, 2):
