@@ -223,3 +223,31 @@ def test_evaluating_on_a_store_of_other_encoders_is_refused(tw, world, tmp_path)
     extract_store(cfg, encoders_for(cfg), ["hdf5"], splits=["val"], num_workers=0)
     result = run_script(tmp_path, "evaluate.py", "--run", str(tw.reference_run), "--split", "val", "--features_dir", str(other))
     assert_one_line_error(result, "encoder fingerprint", str(other))
+
+
+@pytest.mark.parametrize("rows_read", ["per block", "per sample"])
+def test_reused_buffers_hand_over_zero_codes_and_scales_past_each_length(world, converted, rows_read, monkeypatch):
+    """A quantised batch made into a buffer that held an earlier batch of other lengths: past each
+    sample's length its codes and scales are zero (written, not found), and the rest equals the
+    batch made into fresh buffers. Both HDF5 read paths: a block's rows read whole, and one
+    read per sample (forced at these tiny shapes)."""
+    from edge_glass.features import hdf5_shard
+
+    if rows_read == "per sample":
+        monkeypatch.setattr(hdf5_shard, "STAGE_BYTES_PER_SAMPLE", 0)
+    kw = dict(batch_size=12, block_size=8, seed=5, reader_threads=2, drop_last=False)
+    reused = FeatureLoader(open_store(converted["int4"], "train"), reuse_buffers=True, **kw)
+    for _ in reused:  # dirties the ring
+        pass
+    fresh = FeatureLoader(open_store(converted["int4"], "train"), **kw)
+    fresh.set_epoch(1)
+    padded = 0
+    for a, b in zip(fresh, reused):
+        assert a["keys"] == b["keys"]
+        for m in ("vision", "audio", "text"):
+            mask = b[m]["mask"]
+            for name in ("tokens", "scales"):
+                assert torch.equal(a[m][name], b[m][name]), (m, name)
+                assert not b[m][name][~mask].any(), (m, name)
+            padded += int((~mask).sum())
+    assert padded > 0  # lengths vary: padding was exercised

@@ -37,8 +37,10 @@ STAGE_BYTES_PER_SAMPLE = 16 * 1024
 """A block whose token rows average at most this per sample is read whole, once (see read_index).
 A read per sample has a fixed cost of a few microseconds (system call, Python, zeroing the
 padding); a block read whole moves its bytes twice (into memory, then into the batch), which
-at 10 GB/s costs as much once a sample passes ~16 KB. Caption tokens of a 768-wide text encoder
-in fp16 are ~30 KB a sample, and were what read-whole blocks slowed in `benchmarks/loader.py`."""
+at 10 GB/s costs about as much once a sample passes ~16 KB. Caption tokens of a 768-wide text
+encoder in fp16 (~30 KB a sample) sit near that line: in paired runs at `benchmarks/loader.py`'s
+shapes the two paths did not differ beyond the machine's spread, and above it a sample's rows
+are moved once."""
 
 
 def write_hdf5_shard(path: Path, block: FeatureBlock, attrs: dict) -> None:
