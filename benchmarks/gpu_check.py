@@ -248,6 +248,7 @@ def loader(ctx: Context) -> dict:
         metrics[f"{condition}_ratio"] = best["ratio"]
         metrics[f"{condition}_pread_ratio"] = best["pread_ratio"]
         metrics[f"{condition}_loader_of_pread"] = best["loader_of_pread"]
+        metrics[f"{condition}_cpu_pread_of_loader"] = best["cpu_ratio"]
     shutil.rmtree(root, ignore_errors=True)
     return {"what": f"{samples} samples of [576, 1024] + [8..32, 768] float16 tokens, batch 64, "
                     f"{metrics['reader_threads']} reader threads, {os.cpu_count()} cores", "metrics": metrics}

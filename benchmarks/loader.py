@@ -238,8 +238,9 @@ def sample_reads(split_dir: Path, batches: list[np.ndarray], slot_bytes: int) ->
 
 
 def pread_ceiling(fds: list[int], reads: list[list[tuple]], samples: int, per_sample: int, threads: int,
-                  destinations: list[np.ndarray]) -> float:
-    """Bytes/s (counted as the limit counts them) of the kernel's page-cache copy alone: `threads`
+                  destinations: list[np.ndarray]) -> tuple[float, float]:
+    """(bytes/s, CPU seconds per GB) of the kernel's page-cache copy alone, bytes counted as the
+    limit counts them: `threads`
     threads (as many as the loader's readers) each `os.preadv` every sample of every other batch
     into a reused huge-page buffer (what the loader's ring is), and nothing else: no padding
     written, no metadata, no hand-off. About what any reader built on `pread` can reach here."""
@@ -250,7 +251,9 @@ def pread_ceiling(fds: list[int], reads: list[list[tuple]], samples: int, per_sa
             for shard, offset, nbytes, at in batch:
                 preadv(fds[shard], [out[at : at + nbytes]], offset)
 
-    return samples * per_sample / run_threads(work, threads)
+    cpu = time.process_time()
+    rate = samples * per_sample / run_threads(work, threads)
+    return rate, (time.process_time() - cpu) / (samples * per_sample / 1e9)
 
 
 def run_threads(work, threads: int) -> float:
@@ -264,15 +267,15 @@ def run_threads(work, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def loader_epoch(loader: FeatureLoader) -> tuple[float, float]:
-    """(token bytes/s, samples/s) of one epoch of `loader`."""
+def loader_epoch(loader: FeatureLoader) -> tuple[float, float, float]:
+    """(token bytes/s, samples/s, CPU seconds per GB delivered) of one epoch of `loader`."""
     n = nbytes = 0
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for b in loader:
         n += len(b["keys"])
         nbytes += sum(b[m]["tokens"].numel() * b[m]["tokens"].element_size() for m in ("vision", "text"))
-    elapsed = time.perf_counter() - t
-    return nbytes / elapsed, n / elapsed
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return nbytes / elapsed, n / elapsed, cpu / (nbytes / 1e9) if nbytes else float("nan")
 
 
 def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: FeatureLoader, repeats: int,
@@ -281,7 +284,8 @@ def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: Featu
     `pread` copy and one loader epoch back to back, so a slow patch of a shared machine hits
     them all alike; the medians, and the medians of the rounds' ratios (this box's memory
     bandwidth moves by +-20 % from minute to minute, which a best-of-N would turn into a lucky
-    limit)."""
+    limit). Also the CPU seconds (all of the process's threads) per GB that the loader and the
+    bare copy spend, and their ratio: how much of the loader's CPU the copy itself needs."""
     rounds = []
     destinations = limit_buffers(arrays, len(batches[0]))
     per_sample = sum(a.shape[1] * a.element_size() for a in arrays)
@@ -297,16 +301,18 @@ def measure(arrays: list[torch.Tensor], batches: list[np.ndarray], loader: Featu
         for _ in range(repeats):
             one = gather_limit(arrays, batches, 1, 1, destinations)
             default = gather_limit(arrays, batches, torch.get_num_threads(), 1, destinations)
-            pread = pread_ceiling(fds, reads, total, per_sample, loader.reader_threads, pread_out)
-            rate, samples = loader_epoch(loader)
+            pread, copy_cpu = pread_ceiling(fds, reads, total, per_sample, loader.reader_threads, pread_out)
+            rate, samples, cpu = loader_epoch(loader)
             limit = max(one, default)
-            rounds.append((one, default, rate, samples, rate / limit, pread, pread / limit, rate / pread))
+            rounds.append((one, default, rate, samples, rate / limit, pread, pread / limit, rate / pread,
+                           cpu, copy_cpu, copy_cpu / cpu if cpu > 0 else float("nan")))
     finally:
         for fd in fds:
             os.close(fd)
-    med = [float(np.median([r[i] for r in rounds])) for i in range(8)]
+    med = [float(np.nanmedian([r[i] for r in rounds])) for i in range(11)]
     return {"one": med[0], "default": med[1], "loader": (med[2], med[3]), "ratio": med[4], "pread": med[5],
-            "pread_ratio": med[6], "loader_of_pread": med[7]}
+            "pread_ratio": med[6], "loader_of_pread": med[7], "loader_cpu": med[8], "pread_cpu": med[9],
+            "cpu_ratio": med[10]}
 
 
 def run_vitl(args) -> None:
@@ -331,7 +337,8 @@ def run_vitl(args) -> None:
               f"shards of {args.shard_size}; batch {args.batch}; reader threads {threads}; medians of {args.repeats} "
               f"rounds (ratio: the median of each round's loader / limit)")
         print(f"{'condition':<10}{'gather limit GB/s':>19}{'(1 thread / default)':>23}{'loader GB/s':>13}"
-              f"{'samples/s':>11}{'ratio':>8}{'pread GB/s':>12}{'pread/limit':>13}{'loader/pread':>14}")
+              f"{'samples/s':>11}{'ratio':>8}{'pread GB/s':>12}{'pread/limit':>13}{'loader/pread':>14}"
+              f"{'CPU s/GB loader / pread':>25}")
         # As the trainer runs it: one loader, epoch after epoch; the first epoch (which allocates
         # and first touches the buffer ring) is not timed.
         loader = FeatureLoader(open_store(root, "train"), args.batch, seed=0, reuse_buffers=True,
@@ -356,14 +363,20 @@ def run_vitl(args) -> None:
             limit = max(one, default)
             rate, samples = best["loader"]
             ratios[condition] = best
+            cpu = f"{best['loader_cpu']:.3f} / {best['pread_cpu']:.3f}"
             print(f"{condition:<10}{limit / 1e9:>19.2f}{f'({one / 1e9:.2f} / {default / 1e9:.2f})':>23}"
                   f"{rate / 1e9:>13.2f}{samples:>11,.0f}{best['ratio']:>8.2f}{best['pread'] / 1e9:>12.2f}"
-                  f"{best['pread_ratio']:>13.2f}{best['loader_of_pread']:>14.2f}")
+                  f"{best['pread_ratio']:>13.2f}{best['loader_of_pread']:>14.2f}"
+                  f"{cpu:>25}")
         print(f"RATIO loader/gather_limit idle={ratios['idle']['ratio']:.2f} loaded={ratios['loaded']['ratio']:.2f}")
         print(f"RATIO pread/gather_limit idle={ratios['idle']['pread_ratio']:.2f} "
               f"loaded={ratios['loaded']['pread_ratio']:.2f}")
         print(f"RATIO loader/pread idle={ratios['idle']['loader_of_pread']:.2f} "
               f"loaded={ratios['loaded']['loader_of_pread']:.2f}")
+        # CPU time per byte moves far less with this VM's moment than throughput does: it says
+        # how much of the loader's CPU the copy itself needs, i.e. what is left to cut.
+        print(f"RATIO cpu pread/loader idle={ratios['idle']['cpu_ratio']:.2f} "
+              f"loaded={ratios['loaded']['cpu_ratio']:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -60,8 +60,9 @@ def test_loader_benchmark_compares_the_same_batches_with_the_gather_limit(tmp_pa
     text = torch.zeros(64, 5 * 8, dtype=torch.float16)  # captions padded to the longest (5 rows)
     result = loader.measure([vision, text], batches, feature_loader, repeats=2, split_dir=tmp_path / "train")
     figures = (result["one"], result["default"], *result["loader"], result["ratio"], result["pread"],
-               result["pread_ratio"], result["loader_of_pread"])
+               result["pread_ratio"], result["loader_of_pread"], result["loader_cpu"])
     assert all(np.isfinite(v) and v > 0 for v in figures)
+    assert np.isfinite(result["pread_cpu"]) and result["pread_cpu"] >= 0
 
 
 def test_loader_benchmark_pread_baseline_copies_each_samples_stored_rows(tmp_path):
@@ -85,8 +86,8 @@ def test_loader_benchmark_pread_baseline_copies_each_samples_stored_rows(tmp_pat
     try:
         for threads in (1, 2):
             outs = [host_buffer(8 * slot, torch.uint8).numpy() for _ in range(threads)]
-            rate = loader.pread_ceiling(fds, reads[:threads], 8 * threads, slot, threads, outs)
-            assert np.isfinite(rate) and rate > 0
+            rate, cpu = loader.pread_ceiling(fds, reads[:threads], 8 * threads, slot, threads, outs)
+            assert np.isfinite(rate) and rate > 0 and np.isfinite(cpu) and cpu >= 0
             for t in range(threads):
                 got = outs[t].view(np.float16).reshape(8, 10, 8)
                 for j, i in enumerate(batches[t].tolist()):
