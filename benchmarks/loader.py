@@ -240,10 +240,10 @@ def sample_reads(split_dir: Path, batches: list[np.ndarray], slot_bytes: int) ->
 def pread_ceiling(fds: list[int], reads: list[list[tuple]], samples: int, per_sample: int, threads: int,
                   destinations: list[np.ndarray]) -> tuple[float, float]:
     """(bytes/s, CPU seconds per GB) of the kernel's page-cache copy alone, bytes counted as the
-    limit counts them: `threads`
-    threads (as many as the loader's readers) each `os.preadv` every sample of every other batch
-    into a reused huge-page buffer (what the loader's ring is), and nothing else: no padding
-    written, no metadata, no hand-off. About what any reader built on `pread` can reach here."""
+    limit counts them: `threads` threads (as many as the loader's readers) each `os.preadv` every
+    sample of every other batch into a reused huge-page buffer (what the loader's ring is), and
+    nothing else: no padding written, no metadata, no hand-off. About what any reader built on
+    `pread` can reach here."""
 
     def work(t: int) -> None:
         out, preadv = destinations[t], os.preadv
