@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 import yaml
 
+from edge_glass.utils.ports import free_port
 from helpers.feature_world import encoders_for
 from helpers.random_store import random_store
 from helpers.trainer_world import (
@@ -380,7 +381,9 @@ def test_a_crafted_checkpoint_is_refused_on_every_path_and_runs_nothing(tw, tmp_
 
 def _deepspeed_cmd(config: Path, *args: str) -> list[str]:
     launcher = Path(sys.executable).parent / "deepspeed"
-    return [sys.executable, str(launcher), "--num_accelerators", "2", str(REPO / "scripts" / "train.py"),
+    # A port of its own: the default 29500 may still be held by another job on the machine.
+    return [sys.executable, str(launcher), "--num_accelerators", "2", "--master_port", str(free_port()),
+            str(REPO / "scripts" / "train.py"),
             "--config", str(config), *args]
 
 

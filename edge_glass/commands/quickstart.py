@@ -13,23 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from edge_glass.utils.ports import free_port
+
 CONFIG = "configs/cpu/quickstart.yaml"
 """Relative on purpose: the working directory's own configs/ when it has one (a checkout), else the
 package's shipped copy (edge_glass/utils/shipped.py); the run records the same relative paths."""
-
-
-def free_port() -> int:
-    """The launcher's default port 29500 may be held by another job on the machine; two jobs on
-    one port hang in rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def steps(num_samples: int, ranks: int, train_overrides: list[str]) -> list[tuple[str, list[str]]]:

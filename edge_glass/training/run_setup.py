@@ -11,7 +11,6 @@ from a per-rank seed.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from edge_glass.training.task import Task, make_task
 from edge_glass.training.tracking import Tracker, monitor_sections
 from edge_glass.utils import distributed as D
 from edge_glass.utils.errors import UserError
+from edge_glass.utils.ports import free_port
 
 
 def init_distributed() -> None:
@@ -37,11 +37,8 @@ def init_distributed() -> None:
 
     if not D.launched():
         # DeepSpeed would otherwise try MPI discovery (and fail without mpi4py).
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
