@@ -11,7 +11,9 @@
 - The loader hands over codes; dequantised on the model's side they are the float16 batch.
 - A model trained on the float16 store embeds the int8/int4 stores' samples almost exactly as
   its own (evaluate.py --features_dir), and a model trains on a converted store.
-- A manifest that says int8 but not how to dequantise is refused, naming both.
+- A model trained on the int8 store reads the float16 one (nothing to dequantise).
+- A manifest that says int8 but not how to dequantise is refused: by the loader, naming the
+  store's setting, and by evaluate.py, naming both the store's and the run's.
 """
 
 from __future__ import annotations
@@ -198,23 +200,55 @@ def test_a_model_trained_on_float16_reads_the_quantised_store(tw, converted, dty
 
 
 @pytest.mark.slow
-def test_a_model_trains_on_a_converted_store(tw, converted, tmp_path):
-    result = train(tmp_path, tw.config, "--set", f"data.features_dir={converted['int4']}", "--set", "experiment.name=int4")
+def test_a_model_trains_on_a_converted_store_and_reads_the_float16_one(tw, converted, tmp_path):
+    """scripts/train.py on the int8 conversion (that the codes teach the adapters as much as the
+    float16 tokens do is test_alignment_learning.py's), then the reverse of the test above: the
+    int8-trained run evaluated on the float16 store, which needs no dequantisation, embeds its
+    samples almost exactly as the int8 store's."""
+    result = train(tmp_path, tw.config, "--set", f"data.features_dir={converted['int8']}", "--set", "experiment.name=int8")
     result.check()
-    run = tmp_path / "runs" / "int4"
+    run = tmp_path / "runs" / "int8"
     assert_finite_losses(run)
     assert eval_records(run) and all(0 <= r["val/mean_R@1"] <= 1 for r in eval_records(run))
+    cfg, model, _ = load_alignment_model(run)
+
+    def embeddings(store: Path) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            emb, _ = embed_split(model, FeatureLoader(open_store(store, "val"), 16, modalities=cfg.model.adapters.enabled(),
+                                                      shuffle=False, drop_last=False))
+        return emb
+
+    ours, fp16 = embeddings(converted["int8"]), embeddings(tw.world.store)
+    for m in ours:
+        assert float(torch.nn.functional.cosine_similarity(ours[m], fp16[m], dim=-1).min()) > 0.999, m
+    result = run_script(tmp_path, "evaluate.py", "--run", str(run), "--split", "val", "--features_dir", str(tw.world.store))
+    assert result.returncode == 0, result
+    assert f"{tw.world.store}" in result.stdout and "float16 tokens" in result.stdout
 
 
-def test_a_quantised_manifest_without_its_statistics_is_refused_naming_both(converted, tmp_path):
+def _without_quantization(converted: dict, tmp_path: Path) -> Path:
     store = tmp_path / "store"
     shutil.copytree(converted["int8"], store)
-    path = store / "val" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest["quantization"]
-    path.write_text(json.dumps(manifest))
+    for path in store.glob("*/manifest.json"):
+        manifest = json.loads(path.read_text())
+        del manifest["quantization"]
+        path.write_text(json.dumps(manifest))
+    return store
+
+
+def test_a_quantised_manifest_without_its_statistics_is_refused_by_the_loader(converted, tmp_path):
+    store = _without_quantization(converted, tmp_path)
     with pytest.raises(UserError, match=r"tokens are int8 but .*no quantization\.vision"):
         FeatureLoader(open_store(store, "val"), 4, modalities=["vision"], drop_last=False)
+
+
+@pytest.mark.slow
+def test_a_float16_run_on_a_quantised_store_without_its_statistics_is_refused_naming_both(tw, converted, tmp_path):
+    store = _without_quantization(converted, tmp_path)
+    result = run_script(tmp_path, "evaluate.py", "--run", str(tw.reference_run), "--split", "val",
+                        "--features_dir", str(store))
+    assert_one_line_error(result, str(store / "val"), "holds int8 tokens", "no quantization.",
+                          "trained on float16 tokens", str(tw.world.store))
 
 
 def test_evaluating_on_a_store_of_other_encoders_is_refused(tw, world, tmp_path):

@@ -240,11 +240,33 @@ def check_store_matches(split: FeatureSplit, cfg: Config) -> None:
                 )
 
 
+def check_dequantisable(split: FeatureSplit, reference: FeatureSplit, modalities: list[str]) -> None:
+    """Refuse a quantised split whose manifest lacks the statistics its `modalities`' tokens were
+    z-scored with, naming how the model was trained (`reference`, its training store) and how
+    the split stores its tokens: without them the codes are numbers on no known scale. Float
+    tokens need nothing, whatever the model was trained on, and a quantised split that has its
+    statistics is dequantised for any model."""
+    if not split.quantized:
+        return
+    missing = [m for m in modalities if m not in (split.manifest.get("quantization") or {})]
+    if missing:
+        trained = "" if reference is split else f"the run was trained on {reference.token_dtype} tokens ({reference.path}); "
+        raise UserError(
+            f"{split.path} holds {split.token_dtype} tokens but its manifest does not say how to dequantise "
+            f"{', '.join(missing)} tokens (no quantization.{missing[0]}); {trained}convert the store again with: "
+            f"python -m edge_glass.features convert SRC DST --token_dtype {split.token_dtype}"
+        )
+
+
 def open_checked_split(cfg: Config, split: str, features_dir: str | Path | None = None) -> FeatureSplit:
     """One split of the config's store (or of `features_dir`, another store of the same encoders,
-    e.g. its int8 conversion), refused if its encoders differ from the config's."""
+    e.g. its int8 conversion), refused if its encoders differ from the config's or its tokens
+    cannot be dequantised."""
     opened = open_store(features_dir or cfg.data.features_dir, split, cfg.data.store_format, cfg.data.max_open_shards)
+    reference = opened
     if features_dir is not None:
-        check_same_encoders(opened, open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format))
+        reference = open_store(cfg.data.features_dir, cfg.data.splits.train, cfg.data.store_format)
+        check_same_encoders(opened, reference)
     check_store_matches(opened, cfg)
+    check_dequantisable(opened, reference, cfg.model.adapters.enabled())
     return opened
