@@ -5,7 +5,8 @@
    (helpers/align_two_ranks.py).
 2. On the synthetic set, embedded by the tiny random CLIP / Whisper / SBERT, AlignmentModel
    trained for a fixed small budget retrieves the right caption far above chance on val for
-   every adapter kind; with the captions shuffled against the features it stays near chance.
+   every adapter kind, and from the store's int4 conversion; with the captions shuffled against
+   the features it stays near chance.
 """
 
 from __future__ import annotations
@@ -184,6 +185,26 @@ def test_adapters_learn_to_retrieve(store: Path, kind: str, one_thread) -> None:
     assert at >= 20 * chance, f"{kind}: audio-text R@1 {at:.3f} < 20x chance ({20 * chance:.3f})"
     # evaluation on a real FeatureLoader: one set of metrics per pair, no MRL dims but the full one
     assert {k.split("/")[0] for k in metrics} == {"vision_text@64", "audio_text@64"}
+
+
+def test_adapters_learn_from_the_int4_conversion_of_the_store(store: Path, tmp_path: Path, one_thread) -> None:
+    """`python -m edge_glass.features convert` output (int4, the coarsest codes, 4x smaller
+    tokens) teaches the same model as the float16 store does: the model dequantises the codes in
+    its input path, and the budget that reaches 20x chance on float16 reaches it here."""
+    from edge_glass.features.convert import convert_store
+    from edge_glass.features.store import open_store
+
+    from edge_glass.features.loader import FeatureLoader
+
+    converted = tmp_path / "int4"
+    convert_store(store, converted, "int4")
+    batch = next(iter(FeatureLoader(open_store(converted, "train"), 8, prefetch_batches=0)))
+    assert batch["vision"]["quant"] == batch["audio"]["quant"] == "int4"  # codes reach the model
+    chance = 1 / len(open_store(converted, "val"))
+    # Attention pooling reads the tokens (an MLP adapter reads the pooled vectors, which stay float16).
+    _, vt, at, steps, _ = train_and_eval(converted, "attn_pool")
+    assert steps >= 20, f"only {steps} steps fit in {MAX_SECONDS}s: the machine is too loaded to judge learning"
+    assert vt >= 20 * chance and at >= 20 * chance, f"int4 store: R@1 vision-text {vt:.3f}, audio-text {at:.3f}"
 
 
 def test_shuffled_captions_stay_at_chance(store: Path, one_thread) -> None:
