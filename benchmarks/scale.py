@@ -72,14 +72,16 @@ def measure(store: Path, batch: int, seconds: float, max_open_shards: int) -> di
                 peak[k] = max(peak[k], v)
             time.sleep(0.05)
 
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before, rss_before = len(os.listdir("/proc/self/fd")), _status()
     t0 = time.perf_counter()
     split = open_store(store, "train", max_open_shards=max_open_shards)
     opened = time.perf_counter() - t0
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     t1 = time.perf_counter()
-    loader = FeatureLoader(split, batch, seed=0, reuse_buffers=True)
+    # release_pages None: the trainer's default (data.release_pages), dropping consumed pages
+    # from the cache only for a split larger than half the machine's memory.
+    loader = FeatureLoader(split, batch, seed=0, reuse_buffers=True, release_pages=None)
     it = iter(loader)
     first = next(it)
     first_latency = time.perf_counter() - t1
@@ -97,6 +99,11 @@ def measure(store: Path, batch: int, seconds: float, max_open_shards: int) -> di
         "open_s": opened, "first_batch_s": first_latency, "samples_per_s": (n - len(first["keys"])) / elapsed,
         "gb_per_s": nbytes / elapsed / 1e9, "open_files": peak["fds"] - fds_before, "rss_anon_mb": peak["RssAnon"] / 2**20,
         "rss_file_mb": peak["RssFile"] / 2**20, "samples": len(split), "shards": len(split.shards),
+        # What opening and reading the store added to the process (Python, torch and the
+        # libraries are ~200 MB of the totals above, the same at every size).
+        "grew_anon_mb": (peak["RssAnon"] - rss_before["RssAnon"]) / 2**20,
+        "grew_file_mb": (peak["RssFile"] - rss_before["RssFile"]) / 2**20,
+        "released_pages": loader.release_pages,
     }
 
 
@@ -119,16 +126,21 @@ def measure_in_child(store: Path, batch: int, seconds: float, max_open_shards: i
 
 def _row(label: str, r: dict) -> str:
     return (f"{label:<22}{r['shards']:>7,}{r['open_s']:>8.2f}{r['first_batch_s']:>9.3f}{r['samples_per_s']:>12,.0f}"
-            f"{r['gb_per_s']:>8.2f}{r['open_files']:>7}{r['rss_anon_mb']:>10.0f}{r['rss_file_mb']:>10.0f}")
+            f"{r['gb_per_s']:>8.2f}{r['open_files']:>7}{r['rss_anon_mb']:>10.0f}{r['rss_file_mb']:>10.0f}"
+            f"{r['grew_anon_mb']:>+10.1f}{r['grew_file_mb']:>+10.1f}{'yes' if r['released_pages'] else 'no':>9}")
 
 
 HEADER = (f"{'store':<22}{'shards':>7}{'open s':>8}{'1st b s':>9}{'samples/s':>12}{'GB/s':>8}{'files':>7}"
-          f"{'anon MB':>10}{'file MB':>10}")
+          f"{'anon MB':>10}{'file MB':>10}{'anon +MB':>10}{'file +MB':>10}{'release':>9}")
 
 
 def _flat(values: list[float]) -> str:
     lo, hi = min(values), max(values)
     return f"{(hi - lo) / max(lo, 1e-9) * 100:.0f} % spread ({'flat' if hi <= 1.1 * lo else 'NOT flat'})"
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):+.1f} to {max(values):+.1f} MB"
 
 
 def section_samples(args, tmp: Path) -> None:
@@ -152,7 +164,9 @@ def section_samples(args, tmp: Path) -> None:
     for condition, rs in rows.items():
         if len(rs) > 1:
             print(f"{condition}: open files {_flat([r['open_files'] for r in rs])}, "
-                  f"anonymous RSS {_flat([r['rss_anon_mb'] for r in rs])}, file-backed RSS {_flat([r['rss_file_mb'] for r in rs])}")
+                  f"anonymous RSS {_flat([r['rss_anon_mb'] for r in rs])}, file-backed RSS {_flat([r['rss_file_mb'] for r in rs])}; "
+                  f"grown by opening and reading the store: anonymous {_span([r['grew_anon_mb'] for r in rs])}, "
+                  f"file-backed {_span([r['grew_file_mb'] for r in rs])}")
 
 
 def section_bytes(args, tmp: Path) -> None:

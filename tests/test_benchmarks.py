@@ -108,6 +108,10 @@ def test_scale_benchmark_measures_a_store_in_bounded_resources(tmp_path):
     assert r["shards"] == 40 and r["samples"] == 400 and r["samples_per_s"] > 0
     assert 0 < r["open_files"] <= 8
     assert r["rss_anon_mb"] > 0 and r["first_batch_s"] > 0
+    # the growth over the process before the store was opened, a fraction of the totals
+    assert r["grew_anon_mb"] < r["rss_anon_mb"] and r["grew_file_mb"] < r["rss_file_mb"]
+    assert r["released_pages"] is False  # the trainer's default: a store this small stays cached
+    assert scale._row("400 idle", r).split()[-1] == "no"  # the printed row carries it
 
 
 def test_search_benchmark_measures_exact_and_faiss_indexes():
