@@ -213,7 +213,7 @@ def extract(ctx: Context) -> dict:
 def loader(ctx: Context) -> dict:
     """benchmarks/loader.py's ViT-L measurement, in-process (CPU work; the box's cores)."""
     import numpy as np
-    from loader import SHAPES, CompetingLoad, batch_rows, make_store, measure, warm
+    from loader import SHAPES, CompetingLoad, batch_rows, loader_epoch, make_store, measure, warm
 
     from edge_glass.features.loader import FeatureLoader, default_reader_threads
     from edge_glass.features.store import open_store
@@ -232,6 +232,13 @@ def loader(ctx: Context) -> dict:
     feature_loader = FeatureLoader(open_store(root, "train"), 64, seed=0, reuse_buffers=True)
     for _ in feature_loader:
         pass
+    # Training on a GPU reads into page-locked buffers from the CUDA allocator (run_setup.py),
+    # not the huge pages the CPU path uses: the same epoch into those, timed on its own.
+    pinned = None
+    if torch.cuda.is_available():
+        pinned = FeatureLoader(open_store(root, "train"), 64, seed=0, reuse_buffers=True, pin_memory=True)
+        for _ in pinned:
+            pass
     metrics = {"reader_threads": default_reader_threads()}
     for condition in ("idle", "loaded"):
         load = CompetingLoad() if condition == "loaded" else None
@@ -239,6 +246,9 @@ def loader(ctx: Context) -> dict:
             load.__enter__()
         try:
             best = measure(arrays, batches, feature_loader, 2 if ctx.dry_run else 5, root / "train")
+            if pinned is not None:
+                rates = [loader_epoch(pinned)[0] for _ in range(2 if ctx.dry_run else 5)]
+                metrics[f"{condition}_pinned_loader_gb_s"] = float(np.median(rates)) / 1e9
         finally:
             if load:
                 load.__exit__(None, None, None)
@@ -499,6 +509,8 @@ TABLE: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
         ("idle_pread_ratio", "kernel pread copy alone / gather limit, idle", "{:.2f}"),
         ("idle_loader_of_pread", "loader / kernel pread copy, idle", "{:.2f}"),
         ("loaded_loader_of_pread", "loader / kernel pread copy, loaded", "{:.2f}"),
+        ("idle_pinned_loader_gb_s", "FeatureLoader into page-locked buffers (as training reads), idle", "{:,.2f} GB/s"),
+        ("loaded_pinned_loader_gb_s", "FeatureLoader into page-locked buffers, loaded", "{:,.2f} GB/s"),
     ]),
     "align": ("(ii) align stage", [
         ("extract_samples_per_s", "`extract_store` end to end, 3 encoders", "{:,.1f} samples/s"),
