@@ -149,13 +149,13 @@ def test_open_files_and_memory_stay_flat_over_epochs(big_store):
     kept every sample it read would be at its peak after one epoch, and flat from then on."""
     split = open_store(big_store, "train", max_open_shards=16)
     store_bytes = sum(p.stat().st_size for p in (big_store / "train").glob("*.h5"))
-    loader = FeatureLoader(split, 32, block_size=4, reader_threads=2, reuse_buffers=True)
+    loader = FeatureLoader(split, 64, block_size=8, reader_threads=2, reuse_buffers=True)
     before_fds, before_rss = _open_fds(), _rss()
 
     def epoch() -> int:
         return sum(len(b["keys"]) for b in loader)
 
-    assert epoch() == len(loader) * 32
+    assert epoch() == len(loader) * 64
     fds_1, rss_1 = _open_fds(), _rss()
     for _ in range(2):
         epoch()
