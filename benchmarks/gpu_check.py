@@ -19,7 +19,8 @@ time and guarded: one failure is reported in the output and the others still run
                   same batches: the fraction of the encoder's speed extraction keeps.
   loader          benchmarks/loader.py's measurement on this box's CPUs: the FeatureLoader at
                   ViT-L/14-336 shapes against a bare index_select of the same bytes, idle and with
-                  a busy process per core.
+                  a busy process per core; on a GPU also its rate into page-locked buffers, which
+                  is what training there reads into.
   align           the align stage as a user runs it: a synthetic raw set
                   (scripts/download_datasets.py), a feature store from the real-shape encoders
                   (extract_store: decode, preprocess, encode, write HDF5), then scripts/train.py
