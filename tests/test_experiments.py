@@ -202,7 +202,7 @@ def test_notebooks_execute_against_the_twins(twins: Path) -> None:
     # Fewer generated answers than a user's run: the notebooks' code paths are what is tested.
     # 00_feature_store reads the quickstart's store; it runs after the quickstart (test_quickstart.py).
     seconds = execute_notebooks(twins, names=["01", "02", "03", "04", "05"],
-                                parameters={"MAX_QA_SAMPLES": 48, "MAX_HALT_EXAMPLES": 200})
+                                parameters={"MAX_QA_SAMPLES": 48, "MAX_HALT_EXAMPLES": 200}, workers=2)
     assert len(seconds) == 5, seconds
 
 

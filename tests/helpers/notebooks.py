@@ -84,10 +84,13 @@ def execute_notebook(path: Path, workdir: Path, *, timeout: int = CELL_TIMEOUT_S
 
 def execute_notebooks(workdir: str | os.PathLike, names: Sequence[str] | None = None, *,
                       timeout: int = CELL_TIMEOUT_S, keep_outputs: bool = True,
-                      parameters: dict | None = None) -> dict[str, float]:
+                      parameters: dict | None = None, workers: int = 1) -> dict[str, float]:
     """Run the repository's notebooks (or those whose names start with one of `names`) in
-    `workdir`; {notebook name: seconds}. Raises `NotebookFailed` on the first cell error.
-    Executed copies go to `<workdir>/notebooks_executed/` unless `keep_outputs` is False."""
+    `workdir`; {notebook name: seconds}. Raises `NotebookFailed` on the first cell error (of
+    the first failing notebook in order). Executed copies go to `<workdir>/notebooks_executed/`
+    unless `keep_outputs` is False. `workers` notebooks run at once, each in its own kernel
+    process: a kernel spends much of a notebook starting up and waiting on one core, and the
+    notebooks only read the working directory, so two share a 2-core box well."""
     workdir = Path(workdir)
     missing = [d for d in ("configs", "data", "runs") if not (workdir / d).is_dir()]
     if missing:
@@ -98,4 +101,14 @@ def execute_notebooks(workdir: str | os.PathLike, names: Sequence[str] | None = 
     if not paths:
         raise FileNotFoundError(f"no notebooks {list(names) if names else ''} in {NOTEBOOK_DIR}")
     out_dir = workdir / EXECUTED_DIR if keep_outputs else None
-    return {p.stem: execute_notebook(p, workdir, timeout=timeout, out_dir=out_dir, parameters=parameters) for p in paths}
+
+    def run(p: Path) -> float:
+        return execute_notebook(p, workdir, timeout=timeout, out_dir=out_dir, parameters=parameters)
+
+    if workers <= 1:
+        return {p.stem: run(p) for p in paths}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [(p.stem, pool.submit(run, p)) for p in paths]
+        return {stem: future.result() for stem, future in futures}
