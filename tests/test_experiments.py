@@ -106,7 +106,7 @@ def twins(tmp_path_factory: pytest.TempPathFactory, local_model_set: Path) -> Pa
     # Two lanes side by side, each in the order a user would run it (an instruct twin after the
     # align twin it starts from): every run is one process on one thread, so one lane leaves a
     # core idle. Runs are deterministic, whatever else the machine does. The lanes are balanced
-    # by measured time (2 cores: ~180 s of training each, the TRM twin the longest run at ~120 s).
+    # by measured time (2 cores: ~230 s of training each, the TRM twin the longest run at ~120 s).
     lanes = [
         [("train.py", "vision_text_align"), ("train.py", "vision_text_qwen"), ("sweep.py", "mrl_ablation"),
          ("sweep.py", "perceiver_ablation")],
