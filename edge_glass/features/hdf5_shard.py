@@ -29,7 +29,7 @@ import numpy as np
 from h5py import h5d, h5s
 
 from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, copy_rows
-from edge_glass.features.open_files import CachedShard, open_error
+from edge_glass.features.open_files import CachedShard, ShardCache, open_error
 from edge_glass.utils.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
@@ -69,8 +69,19 @@ class _Array:
     row_bytes: int
 
 
-class _OpenHdf5:
-    """An open shard: the h5py file (strings) and, per numeric dataset, where its bytes are."""
+def header_files(max_open_shards: int) -> int:
+    """How many of a split's `max_open_shards` files are shards opened through HDF5 (the rest are
+    plain descriptors; see `_OpenHdf5`)."""
+    return max(1, min(8, max_open_shards // 4))
+
+
+class _Hdf5Header:
+    """A shard opened through HDF5: what reading strings and learning the layout needs.
+
+    Each file HDF5 opens costs ~0.6 MB of library state (its metadata cache's index alone is a
+    fixed 512 KB table), so the split keeps only a few of these open (`header_files`), in a
+    cache of their own: 64 of them were ~40 MB in every rank, and opened and closed across a
+    10,000-shard store they left the C allocator holding more. Token rows never need one."""
 
     def __init__(self, path: Path, expected_bytes: int | None) -> None:
         self.path = path
@@ -78,15 +89,64 @@ class _OpenHdf5:
             self.file = h5py.File(path, "r")
         except OSError as e:
             raise open_error(path, e, expected_bytes) from None
-        self.fd = self.file.id.get_vfd_handle()
-        self.size = os.fstat(self.fd).st_size
-        self._arrays: dict[str, _Array | None] = {}
         self._string_ids: dict[str, h5d.DatasetID] = {}
 
+    def layout(self, name: str) -> "_Array | None":
+        """Where dataset `name`'s bytes are, through h5py's low-level API (its high-level
+        properties cost ~70 us a dataset); None when the shard has no such dataset."""
+        try:
+            dsid = h5d.open(self.file.id, name.encode())
+        except KeyError:
+            return None
+        plist = dsid.get_create_plist()
+        contiguous = plist.get_layout() == h5d.CONTIGUOUS and plist.get_nfilters() == 0
+        dtype, shape = dsid.dtype, dsid.shape
+        offset = dsid.get_offset() if contiguous and dtype.kind in "fiub" else None
+        return _Array(shape, dtype, offset, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+    def strings(self, name: str, start: int, n: int) -> np.ndarray:
+        """n strings from `start` of dataset `name` (range checked by the caller), through a
+        dataset id opened once per open file: the high-level `file[name][a:b]` resolves the
+        name and builds a selection on every call, in a reader thread, holding the GIL."""
+        out = np.empty(n, dtype=_STR)
+        if n:
+            try:
+                dsid = self._string_ids.get(name)
+                if dsid is None:
+                    dsid = self._string_ids[name] = h5d.open(self.file.id, name.encode())
+                space = dsid.get_space()
+                space.select_hyperslab((start,), (n,))
+                dsid.read(h5s.create_simple((n,)), space, out)
+            except (OSError, ValueError, TypeError) as e:
+                raise UserError(f"{self.path}: corrupt feature shard reading {name} {start}..{start + n - 1}: {e}") from None
+        return out
+
+    def close(self) -> None:
+        self._string_ids.clear()
+        self.file.close()
+
+
+class _OpenHdf5:
+    """An open shard as the loader keeps it: a plain descriptor and, per numeric dataset, where
+    its bytes are (learned once per open from the shard's `_Hdf5Header`). Token rows, offsets
+    and pooled vectors are `pread` from the descriptor; only strings go through HDF5."""
+
+    def __init__(self, shard: "Hdf5Shard") -> None:
+        self.path = shard.path
+        self._shard = shard
+        try:
+            self.fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise open_error(shard.path, e, shard.expected_bytes) from None
+        self.size = os.fstat(self.fd).st_size
+        self._arrays: dict[str, _Array | None] = {}
+
+    def header(self):
+        """`with f.header() as h:` the shard opened through HDF5 (from the split's few)."""
+        return self._shard.headers.use(self._shard)
+
     def array(self, name: str) -> "_Array":
-        """Where dataset `name`'s bytes are; looked up once per open, through h5py's low-level
-        API (its high-level properties cost ~70 us a dataset, and a store of 1,000 shards
-        reopens a shard for nearly every block it reads)."""
+        """Where dataset `name`'s bytes are (a missing dataset is one clear line)."""
         entry = self.find(name)
         if entry is None:
             raise UserError(f"{self.path}: no dataset {name!r} (not a shard of this store's layout); "
@@ -96,16 +156,8 @@ class _OpenHdf5:
     def find(self, name: str) -> "_Array | None":
         """`array(name)`, or None when the shard has no such dataset (e.g. no scales: float tokens)."""
         if name not in self._arrays:
-            try:
-                dsid = h5d.open(self.file.id, name.encode())
-            except KeyError:
-                self._arrays[name] = None
-                return None
-            plist = dsid.get_create_plist()
-            contiguous = plist.get_layout() == h5d.CONTIGUOUS and plist.get_nfilters() == 0
-            dtype, shape = dsid.dtype, dsid.shape
-            offset = dsid.get_offset() if contiguous and dtype.kind in "fiub" else None
-            self._arrays[name] = _Array(shape, dtype, offset, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+            with self.header() as h:
+                self._arrays[name] = h.layout(name)
         return self._arrays[name]
 
     def rows(self, name: str, first: int, out: np.ndarray) -> None:
@@ -119,7 +171,8 @@ class _OpenHdf5:
             raise UserError(f"{self.path}: rows {first}..{first + n - 1} of {name} are outside its {a.shape[0]} rows "
                             "(corrupt offsets); re-run extraction with --overwrite")
         if offset is None:  # chunked or compressed (not written by Edge Glass): h5py decodes it
-            self.file[name].read_direct(out, np.s_[first : first + n])
+            with self.header() as h:
+                h.file[name].read_direct(out, np.s_[first : first + n])
             return
         start = offset + first * row_bytes
         try:
@@ -175,43 +228,38 @@ class _OpenHdf5:
         return out
 
     def strings(self, name: str, start: int, stop: int) -> list[str]:
-        """Strings [start, stop) of dataset `name`, read through h5py's low-level API on a
-        dataset id opened once per open file: the loader reads two or three string slices per
-        block, and the high-level `file[name][a:b]` resolves the name and builds a selection
-        on every call, in the reader thread, holding the GIL. The range is checked here because
-        h5py's slicing clips it: a shard with fewer strings than samples would give a short
-        list, and captions paired with the wrong features."""
+        """Strings [start, stop) of dataset `name`. The range is checked here because h5py's
+        slicing clips it: a shard with fewer strings than samples would give a short list, and
+        captions paired with the wrong features."""
         a = self.array(name)  # a missing dataset is a clear error
         n = max(stop - start, 0)
         if start < 0 or start + n > a.shape[0]:
             raise UserError(f"{self.path}: strings {start}..{stop - 1} of {name} are outside its {a.shape[0]} rows "
                             "(a damaged shard: fewer strings than samples); re-run extraction with --overwrite")
-        out = np.empty(n, dtype=_STR)
-        if n:
-            try:
-                dsid = self._string_ids.get(name)
-                if dsid is None:
-                    dsid = self._string_ids[name] = h5d.open(self.file.id, name.encode())
-                space = dsid.get_space()
-                space.select_hyperslab((start,), (n,))
-                dsid.read(h5s.create_simple((n,)), space, out)
-            except (OSError, ValueError, TypeError) as e:
-                raise UserError(f"{self.path}: corrupt feature shard reading {name} {start}..{stop - 1}: {e}") from None
+        with self.header() as h:
+            out = h.strings(name, start, n)
         return [s.decode() for s in out.tolist()]
 
     def close(self) -> None:
         self._arrays.clear()
-        self._string_ids.clear()
-        self.file.close()
+        os.close(self.fd)
 
 
 class Hdf5Shard(CachedShard):
-    """Read access to one HDF5 feature shard. Holds no open file itself: the split's `ShardCache`
-    does (a bounded number, shared by the loader's threads); a shard made on its own gets a
-    private cache of one."""
+    """Read access to one HDF5 feature shard. Holds no open file itself: the split's caches do
+    (`cache`: plain descriptors, `headers`: the few shards opened through HDF5; both bounded and
+    shared by the loader's threads); a shard made on its own gets private caches of one."""
+
+    def __init__(self, path, cache: ShardCache | None = None, expected_bytes: int | None = None,
+                 num_samples: int | None = None, headers: ShardCache | None = None) -> None:
+        super().__init__(path, cache, expected_bytes, num_samples)
+        self.headers = headers if headers is not None else ShardCache(1, lambda shard: shard.open_header())
 
     def open(self) -> _OpenHdf5:
-        return _OpenHdf5(self.path, self.expected_bytes)
+        return _OpenHdf5(self)
+
+    def open_header(self) -> _Hdf5Header:
+        return _Hdf5Header(self.path, self.expected_bytes)
 
     def __len__(self) -> int:
         if self._num_samples is None:
@@ -221,15 +269,16 @@ class Hdf5Shard(CachedShard):
 
     @property
     def modalities(self) -> list[str]:
-        with self.cache.use(self) as f:
-            return [k for k in f.file.keys() if isinstance(f.file[k], h5py.Group)]
+        with self.headers.use(self) as h:
+            return [k for k in h.file.keys() if isinstance(h.file[k], h5py.Group)]
 
     def read(self, start: int, stop: int, modalities: list[str] | None = None, with_meta: bool = True) -> FeatureBlock:
         """Samples [start, stop) with their token rows, as stored (codes and scales when quantised)."""
+        modalities = modalities if modalities is not None else self.modalities
         with self.cache.use(self) as f:
             keys, captions, meta = _strings(f, start, stop, with_meta)
             arrays = {}
-            for m in modalities if modalities is not None else self.modalities:
+            for m in modalities:
                 offsets = f.read_array(f"{m}/offsets", start, stop + 1)
                 a, b = int(offsets[0]), int(offsets[-1])
                 scales = f.read_array(f"{m}/scales", a, b) if f.find(f"{m}/scales") else None

@@ -20,7 +20,7 @@ import torch
 
 from edge_glass.config import Config, plain_name
 from edge_glass.features.block import BlockIndex, FeatureBlock, ModalityArrays, concat_blocks
-from edge_glass.features.hdf5_shard import Hdf5Shard
+from edge_glass.features.hdf5_shard import Hdf5Shard, header_files
 from edge_glass.features.manifest import (
     EXTRACT_HINT,
     MANIFEST,
@@ -63,8 +63,19 @@ class FeatureSplit:
         self.pooled_dtype = pooled_dtype(self.manifest)
         self.encoder_fingerprint = manifest_encoder_fingerprint(self.manifest)
         # A tar's index holds no descriptor; only HDF5 shards count against the open-file limit.
-        self._files = reserve_files(max_open_shards) if backend == "hdf5" else None
-        self.cache = ShardCache(max_open_shards, lambda shard: shard.open())
+        # Of an HDF5 split's `max_open_shards` files, a few are shards opened through HDF5 (for
+        # their strings; ~0.6 MB of library state each) and the rest plain descriptors (for the
+        # token rows; a few hundred bytes each): hdf5_shard.py.
+        self._files = None
+        self.headers: ShardCache | None = None
+        if backend == "hdf5":
+            headers = header_files(max_open_shards)
+            descriptors = max(1, max_open_shards - headers)
+            self._files = reserve_files(headers + descriptors)
+            self.headers = ShardCache(headers, lambda shard: shard.open_header())
+            self.cache = ShardCache(descriptors, lambda shard: shard.open())
+        else:
+            self.cache = ShardCache(max_open_shards, lambda shard: shard.open())
         # The per-shard entries are kept as arrays, not as the manifest's dicts: at 10,000 shards
         # those are ~15 MB of Python objects in every rank, memory that grows with the store.
         # (`manifest.json` itself has them all; `verify` and the converter read it.)
@@ -176,6 +187,8 @@ class FeatureSplit:
     def close(self) -> None:
         """Close every open shard file (they reopen on the next read)."""
         self.cache.close()
+        if self.headers is not None:
+            self.headers.close()
 
 
 class _Shards(Sequence):
@@ -193,7 +206,9 @@ class _Shards(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         s = self._split
         expected = int(s.shard_bytes[i])
-        return self._cls(s.path / s.shard_files[i], s.cache, expected if expected >= 0 else None, int(s.shard_sizes[i]))
+        extra = {"headers": s.headers} if s.headers is not None else {}
+        return self._cls(s.path / s.shard_files[i], s.cache, expected if expected >= 0 else None, int(s.shard_sizes[i]),
+                         **extra)
 
 
 def _sample(block: FeatureBlock, i: int) -> dict:
