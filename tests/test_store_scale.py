@@ -46,6 +46,7 @@ from edge_glass.features.epoch_plan import EpochPlan
 from edge_glass.features.hdf5_shard import header_files
 from edge_glass.features.loader import FeatureLoader
 from edge_glass.features.store import open_store
+from edge_glass.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS, SHARD_SIZE = 1000, 8
@@ -353,3 +354,25 @@ def test_a_shard_truncated_after_the_store_was_opened_is_named_as_truncated(worl
     line = proc.stdout.strip().splitlines()[-1]
     assert str(victim) in line and "truncated" in line, line
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_shard_replaced_while_its_descriptor_is_open_is_refused_not_mixed(world, tmp_path):
+    """Token rows come from a shard's descriptor, strings and layout from a separately opened
+    HDF5 handle. A re-extraction renames a new file into place: a handle opened after that would
+    describe another file than the descriptor reads, so the loader must refuse, not mix them."""
+    store = random_store(tmp_path / "store", config_from_dict(_config_dict(world, tmp_path / "store")),
+                         {"train": (6, 8)})
+    victim = store / "train" / "shard-000003.h5"
+    split = open_store(store, "train")
+    shard = split.shards[3]
+    before = shard.read(0, 4)  # the descriptor and the HDF5 handle, both of the original file
+    split.headers.close()  # the split's few HDF5 handles cycled (a larger store does it all the time)
+    replacement = tmp_path / "replacement.h5"
+    shutil.copyfile(victim, replacement)
+    os.replace(replacement, victim)
+    with pytest.raises(UserError, match="replaced while this run was reading it"):
+        shard.read(0, 4)
+    split.close()  # both reopened now name the same (new) file: it reads again
+    after = shard.read(0, 4)
+    assert after.keys == before.keys
+    np.testing.assert_array_equal(after.modalities["vision"].tokens, before.modalities["vision"].tokens)

@@ -21,8 +21,10 @@ bytes: a resumed extraction is byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -69,6 +71,11 @@ class _Array:
     row_bytes: int
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def header_files(max_open_shards: int) -> int:
     """How many of a split's `max_open_shards` files are shards opened through HDF5 (the rest are
     plain descriptors; see `_OpenHdf5`)."""
@@ -89,6 +96,7 @@ class _Hdf5Header:
             self.file = h5py.File(path, "r")
         except OSError as e:
             raise open_error(path, e, expected_bytes) from None
+        self.identity = _identity(self.file.id.get_vfd_handle())
         self._string_ids: dict[str, h5d.DatasetID] = {}
 
     def layout(self, name: str) -> "_Array | None":
@@ -139,11 +147,20 @@ class _OpenHdf5:
         except OSError as e:
             raise open_error(shard.path, e, shard.expected_bytes) from None
         self.size = os.fstat(self.fd).st_size
+        self.identity = _identity(self.fd)
         self._arrays: dict[str, _Array | None] = {}
 
-    def header(self):
-        """`with f.header() as h:` the shard opened through HDF5 (from the split's few)."""
-        return self._shard.headers.use(self._shard)
+    @contextmanager
+    def header(self) -> Iterator[_Hdf5Header]:
+        """`with f.header() as h:` the shard opened through HDF5 (from the split's few). The two
+        are opened at different times, so the path may name another file by then (a shard
+        re-extracted, which renames a new file into place): layout or strings from one file
+        and token rows from the other would be plausible and wrong, so that is refused."""
+        with self._shard.headers.use(self._shard) as h:
+            if h.identity != self.identity:
+                raise UserError(f"{self.path}: the shard was replaced while this run was reading it (another "
+                                "extraction writing into this store?); let that finish, then restart the run")
+            yield h
 
     def array(self, name: str) -> "_Array":
         """Where dataset `name`'s bytes are (a missing dataset is one clear line)."""
